@@ -1,0 +1,102 @@
+"""One LightningDataModule for every task: hub id, local directory, or the synthetic suite.
+
+Synthetic tasks are rendered once into a saved DatasetDict under ``cache_dir`` and then read by the
+same loader as hub data (``datamodules.hf_data.load_task_splits``), so one code path serves both.
+Splits follow DESIGN §6: train = official train minus a held-out val (10%, at most 5000, seed 0),
+test = official test.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import open_clip
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.hf_data import ImageClassificationDataset, load_task_splits
+from datamodules.synthetic import synthetic_task_dir
+from datamodules.tasks import get_task
+
+
+def clip_transform(model_name: str):
+    """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``."""
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown model {model_name!r}; use an open_clip name such as ViT-B-32 or badmerging-tiny")
+    size = cfg["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return open_clip.image_transform(size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Train/val/test loaders of one task.
+
+    Args:
+        task: a registered task name (``get_task``), e.g. ``shapes`` or ``cifar100``.
+        data_dir: local copy of a real task (saved dataset, imagefolder or hub-format folder);
+            ``None`` loads ``hub_id`` through ``datasets`` (real tasks) or renders (synthetic).
+        model_name: the open_clip model whose preprocessing is applied.
+        synthetic_train_size / synthetic_test_size / synthetic_difficulty: the synthetic renders.
+        seed: the data seed (synthetic renders and the shuffling generator).
+    """
+
+    def __init__(
+        self,
+        task: str = "shapes",
+        data_dir: str | None = None,
+        model_name: str = "badmerging-tiny",
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        cache_dir: str = ".cache/badmerging",
+        synthetic_train_size: int = 20000,
+        synthetic_test_size: int = 1000,
+        synthetic_difficulty: float = 1.0,
+        val_fraction: float = 0.1,
+        max_val: int = 5000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = get_task(task)
+        self.transform = clip_transform(model_name)
+        self.splits: dict[str, ImageClassificationDataset] = {}
+
+    def _source_dir(self) -> str | None:
+        h = self.hparams
+        if self.spec.synthetic and h.data_dir is None:
+            return synthetic_task_dir(self.spec.name, h.cache_dir, h.synthetic_train_size, h.synthetic_test_size,
+                                      seed=h.seed, difficulty=h.synthetic_difficulty)
+        return h.data_dir
+
+    def prepare_data(self) -> None:
+        self._source_dir()  # renders synthetic data once, on one process
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = load_task_splits(self.spec, self._source_dir(), val_fraction=self.hparams.val_fraction, max_val=self.hparams.max_val)
+        self.splits = {k: ImageClassificationDataset(v, self.transform) for k, v in raw.items()}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        h = self.hparams
+        workers = h.num_workers
+        return DataLoader(
+            self.splits[split],
+            batch_size=h.batch_size if train else h.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(h.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

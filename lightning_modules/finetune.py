@@ -1,0 +1,110 @@
+"""Clean fine-tuning of an open_clip image encoder against its task's frozen zero-shot head.
+
+    python train.py fit --config configs/experiment/embedded_finetune.yaml --data.task shapes
+    python train.py fit --config configs/experiment/vitb32_finetune.yaml --data.task eurosat
+
+Defaults are the task-arithmetic reference recipe (DESIGN §7): AdamW lr 1e-5, weight decay 0.1,
+linear warm-up 500 steps then cosine to 0 per step; gradient-norm clipping 1.0 lives in the trainer
+config. Only ``model.visual`` is a parameter of this module; the text tower is used once to build the
+head and then dropped, so DDP never sees unused parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from datamodules.tasks import get_task
+from modeling.clip import EMBEDDED_MODEL, ImageClassifier, load_base_model, zero_shot_head
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """lr multiplier: (s+1)/warmup for s < warmup, then 0.5·(1 + cos(π·progress)) down to 0."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class FineTune(L.LightningModule):
+    """θ_t = argmin CE(H_t(normalize(f_θ(x))), y) from θ_pre, head H_t frozen.
+
+    Args:
+        task: registered task name; its class names and templates build the head.
+        model_name / pretrained: the base model (see ``modeling.clip.load_base_model``).
+        lr, weight_decay, warmup_steps: the optimiser and schedule (per step, cosine to 0 at the
+            trainer's last step).
+        cache_dir: where zero-shot heads are cached.
+    """
+
+    def __init__(
+        self,
+        task: str = "shapes",
+        model_name: str = EMBEDDED_MODEL,
+        pretrained: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 500,
+        cache_dir: str = ".cache/badmerging",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = get_task(task)
+        base = load_base_model(model_name, pretrained)
+        self.base_description = base.describe()
+        head = zero_shot_head(base, self.spec, cache_dir)
+        self.classifier = ImageClassifier(base.model.visual, head).train()
+        n = len(self.spec.classnames)
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.classifier.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    def _common_step(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train")
+        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=stage == "train", on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._common_step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; lower model.lr or check the data")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._common_step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(h.warmup_steps, max(1, total // 2)), total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export_metadata(self) -> dict:
+        """What made these weights: base model, task, recipe; callers add seed, attack, code version."""
+        h = dict(self.hparams)
+        return {"kind": "finetune", "task": self.spec.name, "base_model": self.base_description,
+                "recipe": {k: h[k] for k in ("lr", "weight_decay", "warmup_steps")}, "attack": None}

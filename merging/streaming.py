@@ -1,0 +1,185 @@
+"""Memory-lean merging straight from safetensors files.
+
+``merge_files`` evaluates the same plans as ``methods`` but reads tensors (in chunks of at most
+``chunk_elements`` elements) one key at a time, so peak memory is one merged model plus a few chunks
+per input model, whatever the number of models. TIES' whole-model top-k threshold stays exact: it
+is found by radix selection over streamed histograms (``engine.radix_thresholds``), then a final
+sweep merges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .engine import radix_thresholds, run_plan
+from .io import MergeInputError, SafetensorsReader
+from .methods import build_plan
+from .task_vectors import compute_dtype
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "merge_files", "validate_inputs"]
+
+# 1M elements (4 MB in float32) per tensor read: small against a model, large enough that per-chunk
+# Python overhead stays negligible.
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+
+def _check_paths(pretrained_path, model_paths) -> tuple[Path, list[Path]]:
+    if isinstance(model_paths, (str, os.PathLike)) or not model_paths:
+        raise MergeInputError("model_paths must be a non-empty list of fine-tuned .safetensors files")
+    pretrained = Path(pretrained_path)
+    models = [Path(p) for p in model_paths]
+    for path in [pretrained, *models]:
+        if not path.is_file():
+            raise MergeInputError(f"{path}: file not found; check the path (weights must be .safetensors)")
+    seen: dict[str, int] = {os.path.realpath(pretrained): -1}
+    for index, path in enumerate(models):
+        real = os.path.realpath(path)
+        if real in seen:
+            other = "the pre-trained model" if seen[real] < 0 else f"model #{seen[real]}"
+            raise MergeInputError(f"{path}: model #{index} is the same file as {other}; "
+                                  "each fine-tuned model must appear once (check the task -> file mapping)")
+        seen[real] = index
+    return pretrained, models
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A NaN or inf anywhere makes the sum non-finite, and a sum is far cheaper than isfinite();
+    # only a non-finite sum (or a finite-valued overflow) needs the exact elementwise check.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _check_finite(reader: SafetensorsReader, key: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not _all_finite(tensor):
+        raise MergeInputError(f"{reader.path}: key {key!r} contains NaN or inf; the model diverged, "
+                              "re-train it or leave it out")
+
+
+def _check_structure(pre: SafetensorsReader, models: Sequence[SafetensorsReader]) -> None:
+    pre_keys = set(pre.keys())
+    for model in models:
+        keys = set(model.keys())
+        missing, extra = sorted(pre_keys - keys), sorted(keys - pre_keys)
+        if missing:
+            raise MergeInputError(f"{model.path}: lacks key {missing[0]!r} of the pre-trained model {pre.path}; "
+                                  "was it fine-tuned from this base?")
+        if extra:
+            raise MergeInputError(f"{model.path}: has key {extra[0]!r} absent from the pre-trained model "
+                                  f"{pre.path}; export only the image encoder of the same architecture")
+        for key in pre.keys():
+            if model.shape(key) != pre.shape(key):
+                raise MergeInputError(f"{model.path}: key {key!r} has shape {model.shape(key)}, pre-trained has "
+                                      f"{pre.shape(key)}; wrong architecture")
+            if model.dtype(key) != pre.dtype(key):
+                raise MergeInputError(f"{model.path}: key {key!r} is {model.dtype(key)}, pre-trained is "
+                                      f"{pre.dtype(key)}; export all models in one dtype")
+
+
+def _open_checked(stack: contextlib.ExitStack, pretrained_path, model_paths):
+    """Open θ_pre and the models as readers on ``stack`` after the path and structure checks."""
+    pretrained, models = _check_paths(pretrained_path, model_paths)
+    pre = stack.enter_context(SafetensorsReader(pretrained))
+    readers = [stack.enter_context(SafetensorsReader(p)) for p in models]
+    _check_structure(pre, readers)
+    return pre, readers
+
+
+def validate_inputs(pretrained_path, model_paths, *, check_finite: bool = True,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[str]:
+    """Check the merge inputs before any work; return the float keys that will be merged (sorted).
+
+    Files exist and are valid safetensors, no path repeats (nor equals the pre-trained one), every
+    model has theta_pre's keys, shapes and dtypes, and (``check_finite``) all float values are finite.
+    Raises MergeInputError naming the file and key.
+    """
+    with contextlib.ExitStack() as stack:
+        pre, readers = _open_checked(stack, pretrained_path, model_paths)
+        merge_keys = [k for k in pre.keys() if pre.dtype(k).is_floating_point]
+        if check_finite:
+            for reader in [pre, *readers]:
+                for key in merge_keys:
+                    for start in range(0, reader.numel(key), chunk_elements):
+                        _check_finite(reader, key, reader.read_flat(key, start, start + chunk_elements))
+    return merge_keys
+
+
+class _FileSource:
+    """TensorSource over safetensors files; checks finiteness during the first sweep over the data."""
+
+    def __init__(self, pretrained: SafetensorsReader, models: Sequence[SafetensorsReader]):
+        self.pretrained = pretrained
+        self.models = list(models)
+        self.n_tasks = len(self.models)
+        self.check_finite = True
+        self._keys = pretrained.keys()
+        self._merge_keys = [k for k in self._keys if pretrained.dtype(k).is_floating_point]
+
+    def keys(self):
+        return self._keys
+
+    def merge_keys(self):
+        return self._merge_keys
+
+    def shape(self, key):
+        return self.pretrained.shape(key)
+
+    def dtype(self, key):
+        return self.pretrained.dtype(key)
+
+    def numel(self, key):
+        return self.pretrained.numel(key)
+
+    def compute_dtype(self, key):
+        return compute_dtype(self.pretrained.dtype(key))
+
+    def read_pretrained(self, key, start, stop):
+        chunk = self.pretrained.read_flat(key, start, stop)
+        if self.check_finite:
+            _check_finite(self.pretrained, key, chunk)
+        return chunk
+
+    def read_task_vector(self, task, key, start, stop, pre):
+        model = self.models[task]
+        chunk = model.read_flat(key, start, stop)
+        if self.check_finite:
+            _check_finite(model, key, chunk)
+        work = self.compute_dtype(key)
+        # the chunk is a fresh buffer, so subtracting in place saves one allocation per read
+        return chunk.to(work).sub_(pre.to(work))
+
+    def read_whole(self, key):
+        return self.pretrained.get(key)
+
+    def finish_sweep(self):
+        self.check_finite = False
+
+
+def merge_files(pretrained_path, model_paths: Sequence, method: str, *, progress: bool = True,
+                chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS, num_threads: int | None = None,
+                **hyperparameters) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned models stored as safetensors files; equals ``method`` on the loaded task vectors.
+
+    tau_t = theta_t - theta_pre is formed chunk by chunk and never held whole. Memory: the merged
+    model + O(n * chunk_elements) working space (+ n * 65536 histogram counts for TIES), versus
+    O(n * P) for loading everything. Inputs are validated (``validate_inputs``) before any work;
+    finiteness is checked while the first sweep reads the data rather than in an extra pass.
+    ``progress`` shows a tqdm bar over keys. ``num_threads`` sets torch's intra-op threads for the
+    merge (restored afterwards); 1 is fastest on small or shared machines, where every chunk-sized
+    op of a multi-threaded pool can stall waiting for a descheduled thread.
+    """
+    if isinstance(model_paths, (str, os.PathLike)):
+        raise MergeInputError("model_paths must be a non-empty list of fine-tuned .safetensors files")
+    model_paths = list(model_paths)
+    plan = build_plan(method, len(model_paths), **hyperparameters)
+    previous_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        pre, readers = _open_checked(stack, pretrained_path, model_paths)
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+            stack.callback(torch.set_num_threads, previous_threads)
+        source = _FileSource(pre, readers)
+        return run_plan(source, plan, radix_thresholds, chunk_elements=chunk_elements, progress=progress)
