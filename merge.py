@@ -1,8 +1,8 @@
 """Merge exported image encoders and evaluate the merge: clean accuracy per task, mean, normalised.
 
-    python merge.py --models m1.safetensors m2.safetensors --coefficients '[0.1,0.2,0.3]' --out_dir outputs/merge
+    python merge.py --models m1.safetensors m2.safetensors --coefficients 0.1 0.2 0.3 --out_dir outputs/merge
     python merge.py --config configs/merge/embedded_ta.yaml
-    python merge.py --models ... --coefficients '[0.3]' --export merged.safetensors --evaluate false
+    python merge.py --models ... --coefficients 0.3 --export merged.safetensors --evaluate false
 
 Inputs are safetensors state dicts of the image encoder (as ``train.py`` exports them); the JSON
 metadata beside each file names its task and base model and is checked against the base (a warning
@@ -37,11 +37,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--model_name", type=str, default=EMBEDDED_MODEL, help="open_clip model name of θ_pre")
     p.add_argument("--pretrained", type=str | None, default=None, help="pretrained tag or local weights of θ_pre")
-    p.add_argument("--models", type=list[str], default=[], help="exported encoders (safetensors) to merge")
-    p.add_argument("--tasks", type=list[str] | None, default=None, help="task of each model (default: from metadata)")
-    p.add_argument("--eval_tasks", type=list[str] | None, default=None, help="tasks to evaluate (default: the models' tasks)")
+    p.add_argument("--models", type=str, nargs="+", default=[], help="exported encoders (safetensors) to merge")
+    p.add_argument("--tasks", type=str, nargs="+", default=None, help="task of each model (default: from metadata)")
+    p.add_argument("--eval_tasks", type=str, nargs="+", default=None, help="tasks to evaluate (default: the models' tasks)")
     p.add_argument("--method", type=str, default="task_arithmetic")
-    p.add_argument("--coefficients", type=list[float], default=[0.3], help="merge coefficients λ to evaluate")
+    p.add_argument("--coefficients", type=float, nargs="+", default=[0.3], help="merge coefficients λ to evaluate")
     p.add_argument("--hparams", type=dict, default={}, help="other hyperparameters of the method, e.g. {k: 20}")
     p.add_argument("--evaluate", type=bool, default=True)
     p.add_argument("--zero_shot", type=bool, default=True, help="also evaluate θ_pre (row merge=zero-shot)")
@@ -123,7 +123,7 @@ def run(cfg) -> Path | None:
     if cfg.tasks is not None and len(cfg.tasks) != len(cfg.models):
         raise MergeInputError(f"--tasks has {len(cfg.tasks)} entries for {len(cfg.models)} --models; give one task per model")
     if cfg.export and len(cfg.coefficients) != 1:
-        raise MergeInputError(f"--export needs exactly one coefficient, got {cfg.coefficients}; pass --coefficients '[λ]'")
+        raise MergeInputError(f"--export needs exactly one coefficient, got {cfg.coefficients}; pass --coefficients λ")
     method = get_merge_method(cfg.method)
     hparams = {**method_hyperparameters(cfg.method), **cfg.hparams}
     out_dir = Path(cfg.out_dir)

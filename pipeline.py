@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     import merge
 
-    merge_args = ["--models", *map(str, models), "--coefficients", json.dumps(a.coefficients), "--out_dir", str(out_dir),
+    merge_args = ["--models", *map(str, models), "--coefficients", *map(str, a.coefficients), "--out_dir", str(out_dir),
                   "--cache_dir", a.cache_dir, "--method", "task_arithmetic", *synth]
     cfg = merge.build_parser().parse_args(merge_args)
     results = merge.run(cfg)

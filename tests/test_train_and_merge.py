@@ -79,7 +79,7 @@ def test_only_encoder_changes_and_text_tower_absent(two_models):
 def test_merge_cli_task_arithmetic_against_reference(two_models, base, tmp_path, session_cache, capsys):
     (shapes, colours), _ = two_models
     out = tmp_path / "merge"
-    rc = merge.main(["--models", str(shapes), str(colours), "--coefficients", "[0.3, 0.6]", "--out_dir", str(out),
+    rc = merge.main(["--models", str(shapes), str(colours), "--coefficients", "0.3", "0.6", "--out_dir", str(out),
                      "--cache_dir", session_cache, "--synthetic_test_size", "40"])
     assert rc == 0
     printed = capsys.readouterr().out.strip().splitlines()
@@ -101,7 +101,7 @@ def test_merge_cli_task_arithmetic_against_reference(two_models, base, tmp_path,
 
     # --export writes exactly θ_pre + λ Σ τ (reference computed here)
     exp = tmp_path / "merged.safetensors"
-    assert merge.main(["--models", str(shapes), str(colours), "--coefficients", "[0.3]", "--export", str(exp), "--evaluate", "false"]) == 0
+    assert merge.main(["--models", str(shapes), str(colours), "--coefficients", "0.3", "--export", str(exp), "--evaluate", "false"]) == 0
     theta_pre = base.encoder_state_dict()
     taus = [task_vector(load_state_dict(p), theta_pre) for p in (shapes, colours)]
     got = load_state_dict(exp)
@@ -120,7 +120,7 @@ def test_merge_refuses_model_from_another_base(two_models, tmp_path):
     meta = load_metadata(shapes)
     meta["base_model"]["base_id"] = "ViT-B-32@openai"
     save_state_dict(bad, load_state_dict(shapes), meta)
-    rc = merge.main(["--models", str(bad), "--evaluate", "false", "--coefficients", "[0.3]", "--export", str(tmp_path / "m.safetensors")])
+    rc = merge.main(["--models", str(bad), "--evaluate", "false", "--coefficients", "0.3", "--export", str(tmp_path / "m.safetensors")])
     assert rc == 2
     assert not (tmp_path / "m.safetensors").exists()
 
