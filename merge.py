@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from merging.io import MergeInputError, load_metadata, load_state_dict, save_state_dict
 from merging.methods import get_merge_method, method_hyperparameters
+from merging.streaming import merge_files, validate_inputs
 from merging.task_vectors import task_vector
 from modeling.clip import EMBEDDED_MODEL, load_base_model
 from modeling.version import code_version
@@ -40,9 +41,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--models", type=str, nargs="+", default=[], help="exported encoders (safetensors) to merge")
     p.add_argument("--tasks", type=str, nargs="+", default=None, help="task of each model (default: from metadata)")
     p.add_argument("--eval_tasks", type=str, nargs="+", default=None, help="tasks to evaluate (default: the models' tasks)")
-    p.add_argument("--method", type=str, default="task_arithmetic")
+    p.add_argument("--method", type=str, default="task_arithmetic", help="task_arithmetic, weight_average, ties, dare, breadcrumbs, consensus, regmean, adamerging")
     p.add_argument("--coefficients", type=float, nargs="+", default=[0.3], help="merge coefficients λ to evaluate")
     p.add_argument("--hparams", type=dict, default={}, help="other hyperparameters of the method, e.g. {k: 20}")
+    p.add_argument("--select_on", type=str | None, default=None, help="'val': pick the coefficient with the best mean normalised accuracy on the val split")
+    p.add_argument("--plan", type=list[dict] | None, default=None,
+                   help="several methods in one table: a list of {name, method, coefficients, hparams, select_on} (see configs/merge/)")
+    p.add_argument("--engine", type=str, default="auto", help="auto | memory | streaming (tensor by tensor from the files; auto above 1 GiB)")
+    p.add_argument("--merge_threads", type=int | None, default=None, help="torch threads for the streaming engine (1 is fastest on busy machines)")
+    p.add_argument("--val_max_examples", type=int | None, default=500, help="val examples per task for coefficient selection")
+    p.add_argument("--gram_batch_size", type=int, default=128, help="RegMean: batch size of the train batches for Gram matrices")
     p.add_argument("--evaluate", type=bool, default=True)
     p.add_argument("--zero_shot", type=bool, default=True, help="also evaluate θ_pre (row merge=zero-shot)")
     p.add_argument("--individual", type=bool, default=True, help="also evaluate each model on its own task")
@@ -114,6 +122,94 @@ def make_row(merge: str, coefficient, clean_acc: dict, individual: dict | None) 
             "mean_clean_acc": mean, "normalized_acc": norm, "asr": None}
 
 
+DATA_METHODS = ("regmean", "adamerging")  # merges that need data, not only weights
+
+
+class Merger:
+    """θ_pre, the models and their tasks, and one way to produce merged state dicts for any method."""
+
+    def __init__(self, cfg, base):
+        self.cfg, self.base = cfg, base
+        self.theta_pre = base.encoder_state_dict()
+        self.metas = [load_metadata(p) for p in cfg.models]
+        given = cfg.tasks or [None] * len(cfg.models)
+        self.tasks = [_task_of(p, m, given[i]) for i, (p, m) in enumerate(zip(cfg.models, self.metas))]
+        for p, m in zip(cfg.models, self.metas):
+            check_base(p, m, base.base_id)
+        total = sum(os.path.getsize(p) for p in cfg.models)
+        self.streaming = cfg.engine == "streaming" or (cfg.engine == "auto" and total > (1 << 30))
+        if self.streaming:
+            self.pre_path = self._pretrained_file()
+            validate_inputs(self.pre_path, cfg.models)
+            self.vectors = None
+        else:
+            self.vectors = [task_vector(load_state_dict(p), self.theta_pre) for p in tqdm(cfg.models, desc="task vectors", leave=False)]
+
+    def _pretrained_file(self) -> Path:
+        """θ_pre as a safetensors file (cached), so the streaming engine can read it tensor by tensor."""
+        key = self.base.base_id.replace("/", "_").replace("@", "-").replace(":", "-")
+        path = Path(self.cfg.cache_dir) / "pretrained" / f"{key}.safetensors"
+        if not path.exists():
+            save_state_dict(path, self.theta_pre, {"kind": "pretrained", "base_model": self.base.describe()})
+        return path
+
+    def merge(self, method: str, hparams: dict) -> dict:
+        if method == "regmean":
+            return self._regmean(hparams)
+        if method == "adamerging":
+            return self._adamerging(hparams)
+        if self.streaming:
+            return merge_files(self.pre_path, self.cfg.models, method, progress=False, num_threads=self.cfg.merge_threads, **hparams)
+        return get_merge_method(method)(self.theta_pre, self.vectors, **hparams)
+
+    def _regmean(self, hparams: dict) -> dict:
+        """RegMean: Gram matrices of every linear layer's inputs, from each model on its own task's train batches."""
+        from datamodules.datamodule import TaskDataModule
+        from merging.regmean import linear_input_grams, regmean_merge
+
+        hp = dict(hparams)
+        n_batches = int(hp.pop("gram_batches", 4))
+        encoder = self.base.model.visual
+        finetuned, grams = [], []
+        for path, task in zip(self.cfg.models, self.tasks):
+            dm = TaskDataModule(task=task, data_dir=self.cfg.data_dirs.get(task), model_name=self.base.name,
+                                cache_dir=self.cfg.cache_dir, batch_size=self.cfg.gram_batch_size)
+            dm.prepare_data()
+            dm.setup("fit")
+            sd = load_state_dict(path)
+            encoder.load_state_dict(sd)
+            batches = [x for i, (x, _) in zip(range(n_batches), dm.train_dataloader())]
+            grams.append(linear_input_grams(encoder, batches))
+            finetuned.append(sd)
+        encoder.load_state_dict(self.theta_pre)
+        return regmean_merge(self.theta_pre, finetuned, grams, **hp)
+
+    def _adamerging(self, hparams: dict) -> dict:
+        """AdaMerging: learn λ by entropy minimisation on unlabeled val batches of every task."""
+        import lightning as L
+
+        from lightning_modules.adamerging import AdaMerging, MultiTaskUnlabeledDataModule
+
+        hp = dict(hparams)
+        steps = int(hp.pop("steps", 500))
+        module = AdaMerging(model_name=self.cfg.model_name, pretrained=self.cfg.pretrained, models=list(self.cfg.models),
+                            tasks=self.tasks, cache_dir=self.cfg.cache_dir, **hp)
+        dm = MultiTaskUnlabeledDataModule(tasks=list(dict.fromkeys(self.tasks)), model_name=self.cfg.model_name,
+                                          cache_dir=self.cfg.cache_dir, batch_size=16, split="val", data_dirs=self.cfg.data_dirs)
+        trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=not os.environ.get("CI"), enable_model_summary=False)
+        trainer.fit(module, datamodule=dm)
+        self.last_adamerging_coefficients = module.coefficients()
+        return {k: v.cpu() for k, v in module.merged_state_dict().items()}
+
+
+def plan_entries(cfg) -> list[dict]:
+    """The (method, coefficients, hparams, select_on) entries to run: ``--plan`` or the single-method flags."""
+    if cfg.plan:
+        return [{"coefficients": [None], "hparams": {}, "select_on": None, **e} for e in cfg.plan]
+    return [{"method": cfg.method, "coefficients": cfg.coefficients, "hparams": cfg.hparams, "select_on": cfg.select_on}]
+
+
 def run(cfg) -> Path | None:
     """Merge, evaluate, write results; returns the path of results.json (None without evaluation)."""
     from evaluation.evaluate import evaluate_encoder, load_eval_tasks
@@ -122,60 +218,92 @@ def run(cfg) -> Path | None:
         raise MergeInputError("no models given; pass --models a.safetensors b.safetensors ...")
     if cfg.tasks is not None and len(cfg.tasks) != len(cfg.models):
         raise MergeInputError(f"--tasks has {len(cfg.tasks)} entries for {len(cfg.models)} --models; give one task per model")
-    if cfg.export and len(cfg.coefficients) != 1:
-        raise MergeInputError(f"--export needs exactly one coefficient, got {cfg.coefficients}; pass --coefficients λ")
-    method = get_merge_method(cfg.method)
-    hparams = {**method_hyperparameters(cfg.method), **cfg.hparams}
+    entries = plan_entries(cfg)
+    for e in entries:
+        if e["method"] not in DATA_METHODS:
+            get_merge_method(e["method"])  # unknown names fail before any work
+        if e.get("select_on") not in (None, "val"):
+            raise MergeInputError(f"select_on must be 'val' or null, got {e['select_on']!r}")
+    if cfg.export and (len(entries) != 1 or len(entries[0]["coefficients"]) != 1):
+        raise MergeInputError(f"--export needs exactly one method and one coefficient, got {entries}; pass --coefficients λ")
     out_dir = Path(cfg.out_dir)
+    if cfg.evaluate:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise MergeInputError(f"output directory {out_dir} is not writable; pass another --out_dir")
 
     base = load_base_model(cfg.model_name, cfg.pretrained, device="cpu")
-    theta_pre = base.encoder_state_dict()
-    metas = [load_metadata(p) for p in cfg.models]
-    tasks = [_task_of(p, m, (cfg.tasks or [None] * len(cfg.models))[i]) for i, (p, m) in enumerate(zip(cfg.models, metas))]
-    for p, m in zip(cfg.models, metas):
-        check_base(p, m, base.base_id)
-    vectors = [task_vector(load_state_dict(p), theta_pre) for p in tqdm(cfg.models, desc="task vectors", leave=False)]
+    merger = Merger(cfg, base)
+    tasks = merger.tasks
+    eval_names = cfg.eval_tasks or list(dict.fromkeys(tasks))
+    encoder = base.model.visual.to(cfg.device)
+    data = {}
+
+    def evaluate(state: dict, split: str = "test") -> dict:
+        if split not in data:
+            data[split] = load_eval_tasks(eval_names, base, split=split, cache_dir=cfg.cache_dir, data_dirs=cfg.data_dirs,
+                                          batch_size=cfg.batch_size, synthetic_test_size=cfg.synthetic_test_size,
+                                          max_examples=None if split == "test" else cfg.val_max_examples)
+        encoder.load_state_dict(state)
+        return evaluate_encoder(encoder, data[split], cfg.device)
+
+    individual: dict[str, dict] = {}
+
+    def individual_on(split: str) -> dict:
+        if split not in individual:
+            individual[split] = {}
+            for p, t in zip(cfg.models, tasks):
+                if t in eval_names:
+                    individual[split][t] = evaluate(load_state_dict(p), split)[t]
+        return individual[split]
 
     rows: list[dict] = []
-    eval_tasks_names = cfg.eval_tasks or list(dict.fromkeys(tasks))
-    evaluator = None
-    if cfg.evaluate:
-        eval_data = load_eval_tasks(eval_tasks_names, base, cache_dir=cfg.cache_dir, data_dirs=cfg.data_dirs,
-                                    batch_size=cfg.batch_size, synthetic_test_size=cfg.synthetic_test_size)
-        encoder = base.model.visual.to(cfg.device)
-
-        def evaluator(state: dict) -> dict:
-            encoder.load_state_dict(state)
-            return evaluate_encoder(encoder, eval_data, cfg.device)
-
-    individual = None
     if cfg.evaluate and cfg.individual:
-        individual = {}
-        for p, t in zip(cfg.models, tasks):
-            if t in eval_tasks_names:
-                base.model.visual.load_state_dict(load_state_dict(p))
-                individual[t] = evaluate_encoder(base.model.visual, {t: eval_data[t]}, cfg.device)[t]
-        rows.append({**make_row("individual", None, individual, None), "normalized_acc": 1.0})
+        rows.append({**make_row("individual", None, individual_on("test"), None), "normalized_acc": 1.0})
     if cfg.evaluate and cfg.zero_shot:
-        rows.append(make_row("zero-shot", None, evaluator(theta_pre), individual))
+        rows.append(make_row("zero-shot", None, evaluate(merger.theta_pre), individual.get("test")))
 
-    for coefficient in tqdm(cfg.coefficients, desc=f"{cfg.method} λ", leave=False):
-        merged = method(theta_pre, vectors, **{**hparams, "coefficient": coefficient}) if "coefficient" in hparams \
-            else method(theta_pre, vectors, **hparams)
-        if cfg.export:
-            meta = {"kind": "merge", "method": cfg.method, "hyperparameters": {**hparams, "coefficient": coefficient},
-                    "models": [str(p) for p in cfg.models], "tasks": tasks, "base_model": base.describe(), "code_version": code_version()}
-            save_state_dict(cfg.export, merged, meta)
-        if evaluator is not None:
-            row = make_row(cfg.method, coefficient if "coefficient" in hparams else None, evaluator(merged), individual)
-            row["hyperparameters"] = {**hparams, "coefficient": coefficient}
-            rows.append(row)
+    for e in entries:
+        method, name = e["method"], e.get("name", e["method"])
+        defaults = {} if method in DATA_METHODS else method_hyperparameters(method)
+        hparams = {**defaults, **e["hparams"]}
+        coefs = e["coefficients"] if "coefficient" in defaults else [None]
+
+        def hp_at(c):
+            return {**hparams, "coefficient": c} if c is not None else hparams
+
+        selection = None
+        if e.get("select_on") == "val" and cfg.evaluate and len(coefs) > 1:
+            ind_val = individual_on("val")
+            scores = {}
+            for c in tqdm(coefs, desc=f"{name}: select λ on val", leave=False):
+                accs = evaluate(merger.merge(method, hp_at(c)), "val")
+                scores[c] = sum(accs[t] / ind_val[t] for t in accs) / len(accs)
+            chosen = max(scores, key=scores.get)
+            selection = {"split": "val", "metric": "mean normalized accuracy", "scores": scores, "chosen": chosen,
+                         "val_examples_per_task": cfg.val_max_examples}
+            coefs = [chosen]
+        for c in tqdm(coefs, desc=name, leave=False):
+            merged = merger.merge(method, hp_at(c))
+            if cfg.export:
+                meta = {"kind": "merge", "method": method, "hyperparameters": hp_at(c), "models": [str(p) for p in cfg.models],
+                        "tasks": tasks, "base_model": base.describe(), "code_version": code_version()}
+                save_state_dict(cfg.export, merged, meta)
+            if cfg.evaluate:
+                row = make_row(name, c, evaluate(merged), individual.get("test"))
+                row["method"] = method
+                row["hyperparameters"] = hp_at(c)
+                if method == "adamerging":
+                    row["hyperparameters"]["learned_coefficients"] = merger.last_adamerging_coefficients
+                if selection:
+                    row["selection"] = selection
+                rows.append(row)
 
     if not cfg.evaluate:
         return None
     config = {k: v for k, v in cfg.as_dict().items() if k != "config"}
-    path = write_results(out_dir, config, rows, eval_tasks_names)
-    print(rows_table(rows, eval_tasks_names))
+    path = write_results(out_dir, config, rows, eval_names)
+    print(rows_table(rows, eval_names))
     return path
 
 

@@ -30,11 +30,11 @@ def finetune(task: str, out_dir: Path, cache_dir: str, overrides: list[str]) -> 
     """Fine-tune on ``task`` through train.py's LightningCLI unless an identical run was exported already."""
     import train
     from merging.io import load_metadata
-    from datamodules.synthetic import SYNTHETIC_VERSION
+    from datamodules.synthetic import TASK_VERSIONS
     from modeling.clip import EMBEDDED_WEIGHTS, _sha256
 
     args = ["--config", FINETUNE_CONFIG, "--data.task", task, "--model.cache_dir", cache_dir, *overrides]
-    key = hashlib.sha256(json.dumps([args, _sha256(EMBEDDED_WEIGHTS), Path(FINETUNE_CONFIG).read_text(), SYNTHETIC_VERSION]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([args, _sha256(EMBEDDED_WEIGHTS), Path(FINETUNE_CONFIG).read_text(), TASK_VERSIONS.get(task)]).encode()).hexdigest()[:16]
     target = out_dir / "models" / f"{task}.safetensors"
     meta = load_metadata(target) if target.exists() else None
     if meta and meta.get("pipeline_key") == key:

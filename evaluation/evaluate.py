@@ -36,8 +36,11 @@ class EvalTask:
 
 
 def load_eval_tasks(tasks: list[str], base: BaseModel, split: str = "test", cache_dir: str = ".cache/badmerging",
-                    data_dirs: dict[str, str] | None = None, batch_size: int = 512, **data_kwargs) -> dict[str, EvalTask]:
-    """Decode each task's ``split`` once into memory and build its head."""
+                    data_dirs: dict[str, str] | None = None, batch_size: int = 512, max_examples: int | None = None,
+                    **data_kwargs) -> dict[str, EvalTask]:
+    """Decode each task's ``split`` ("test" or "val") once into memory (the first ``max_examples``) and build its head."""
+    if split not in ("test", "val"):
+        raise ValueError(f"evaluation split must be 'test' or 'val', got {split!r}")
     out = {}
     for name in tasks:
         spec = get_task(name)
@@ -46,7 +49,14 @@ def load_eval_tasks(tasks: list[str], base: BaseModel, split: str = "test", cach
         dm.prepare_data()
         dm.setup("test")
         loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
-        batches = [(x, y) for x, y in tqdm(loader, desc=f"decode {name}/{split}", leave=False)]
+        batches, seen = [], 0
+        for x, y in tqdm(loader, desc=f"decode {name}/{split}", leave=False):
+            if max_examples is not None and seen + len(y) > max_examples:
+                x, y = x[: max_examples - seen], y[: max_examples - seen]
+            batches.append((x, y))
+            seen += len(y)
+            if max_examples is not None and seen >= max_examples:
+                break
         out[name] = EvalTask(spec.name, zero_shot_head(base, spec, cache_dir), batches)
     return out
 

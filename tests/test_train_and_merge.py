@@ -164,3 +164,61 @@ def test_datamodule_reads_local_hub_format(tmp_path):
     dm = TaskDataModule(task="tiny_hub", data_dir=str(tmp_path / "hub"), batch_size=2)
     dm.setup()
     assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (18, 2, 6)
+
+
+def test_merge_plan_every_method_with_val_selection(two_models, tmp_path, session_cache):
+    (shapes, colours), _ = two_models
+    plan = [
+        {"name": "ta[val]", "method": "task_arithmetic", "coefficients": [0.2, 0.6], "select_on": "val"},
+        {"name": "ties_mean", "method": "ties", "coefficients": [1.0], "hparams": {"k": 20.0, "disjoint": "mean"}},
+        {"name": "weight_average", "method": "weight_average"},
+        {"name": "regmean", "method": "regmean", "hparams": {"gram_batches": 1}},
+        {"name": "ada", "method": "adamerging", "hparams": {"granularity": "task", "steps": 2}},
+    ]
+    out = tmp_path / "plan"
+    args = ["--models", str(shapes), str(colours), "--out_dir", str(out), "--cache_dir", session_cache,
+            "--synthetic_test_size", "40", "--val_max_examples", "20", "--gram_batch_size", "8", "--plan", json.dumps(plan)]
+    assert merge.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["merge"] for r in rows] == ["individual", "zero-shot", "ta[val]", "ties_mean", "weight_average", "regmean", "ada"]
+    sel = rows[2]["selection"]
+    assert sel["split"] == "val" and set(map(float, sel["scores"])) == {0.2, 0.6}  # JSON keys are strings
+    assert rows[2]["coefficient"] == sel["chosen"]
+    assert rows[3]["hyperparameters"]["disjoint"] == "mean"
+    lam = rows[6]["hyperparameters"]["learned_coefficients"]
+    assert len(lam) == 2 and all(0 <= v <= 1 for v in lam)
+
+
+def test_streaming_engine_gives_the_same_merge(two_models, tmp_path, session_cache):
+    (shapes, colours), _ = two_models
+    outs = {}
+    for engine in ("memory", "streaming"):
+        p = tmp_path / f"{engine}.safetensors"
+        assert merge.main(["--models", str(shapes), str(colours), "--method", "ties", "--coefficients", "0.4", "--engine", engine,
+                           "--cache_dir", session_cache, "--export", str(p), "--evaluate", "false"]) == 0
+        outs[engine] = load_state_dict(p)
+    for k in outs["memory"]:
+        torch.testing.assert_close(outs["memory"][k], outs["streaming"][k], rtol=0, atol=1e-6)
+
+
+def test_merge_callback_logs_merged_accuracy_during_fit(two_models, tmp_path, session_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (_, colours), _ = two_models
+    cli, root = _fit("shapes", tmp_path, session_cache, ["--trainer.callbacks+", "callbacks.merge_eval.MergeEvaluate",
+                                                         "--trainer.callbacks.pool", json.dumps([str(colours)]),
+                                                         "--trainer.callbacks.every_n_steps", "2",
+                                                         "--trainer.callbacks.max_examples", "20",
+                                                         "--trainer.callbacks.cache_dir", session_cache])
+    from callbacks.merge_eval import MergeEvaluate
+
+    merge_cb = next(c for c in cli.trainer.callbacks if isinstance(c, MergeEvaluate))
+    assert [h["step"] for h in merge_cb.history] == [2, 4]
+    ea = EventAccumulator(str(next(root.rglob("events.out.tfevents*"))))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    for t in ("merge/task_arithmetic/λ=0.3/acc/shapes", "merge/task_arithmetic/λ=0.3/acc/colours", "merge/task_arithmetic/λ=0.3/mean_acc"):
+        assert t in tags
+    vals = [e.value for e in ea.Scalars("merge/task_arithmetic/λ=0.3/mean_acc")]
+    assert len(vals) == 2 and all(0 <= v <= 1 for v in vals)
+    assert vals[-1] == pytest.approx(merge_cb.history[-1]["merge/task_arithmetic/λ=0.3/mean_acc"])
