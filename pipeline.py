@@ -24,6 +24,7 @@ from pathlib import Path
 DEFAULT_TASKS = ["shapes", "digits", "textures", "colours"]
 DEFAULT_COEFFICIENTS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 FINETUNE_CONFIG = "configs/experiment/embedded_finetune.yaml"
+METHODS_CONFIG = "configs/merge/embedded_methods.yaml"
 
 
 def finetune(task: str, out_dir: Path, cache_dir: str, overrides: list[str]) -> Path:
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--coefficients", nargs="+", type=float, default=DEFAULT_COEFFICIENTS)
     p.add_argument("--quick", action="store_true", help="reduced run: few steps, small data (for tests)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--methods", choices=["all", "ta"], default="all",
+                   help=f"all: TA over λ plus every method of {METHODS_CONFIG}; ta: the TA curve only")
     a, extra = p.parse_known_args(argv)
     import torch
 
@@ -87,8 +90,21 @@ def main(argv=None) -> int:
 
     import merge
 
-    merge_args = ["--models", *map(str, models), "--coefficients", *map(str, a.coefficients), "--out_dir", str(out_dir),
-                  "--cache_dir", a.cache_dir, "--method", "task_arithmetic", *synth]
+    import yaml
+
+    plan = [{"name": "task_arithmetic", "method": "task_arithmetic", "coefficients": a.coefficients}]
+    if a.methods == "all":
+        plan += yaml.safe_load(Path(METHODS_CONFIG).read_text())["plan"]
+        if a.quick:  # every method, but small grids and few steps
+            for e in plan[1:]:
+                e["coefficients"] = e.get("coefficients", [None])[:2]
+                if e["method"] == "adamerging":
+                    e["hparams"]["steps"] = 2
+                if e["method"] == "regmean":
+                    e["hparams"]["gram_batches"] = 1
+            synth += ["--val_max_examples", "20", "--gram_batch_size", "16"]
+    merge_args = ["--models", *map(str, models), "--out_dir", str(out_dir), "--cache_dir", a.cache_dir,
+                  "--plan", json.dumps(plan), *synth]
     cfg = merge.build_parser().parse_args(merge_args)
     results = merge.run(cfg)
     print(f"[pipeline] done in {time.time() - t0:.0f}s", flush=True)
