@@ -23,9 +23,13 @@ def clip_transform(model_name: str):
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"unknown model {model_name!r}; use an open_clip name such as ViT-B-32 or badmerging-tiny")
-    size = cfg["vision_cfg"]["image_size"]
+    vcfg, pcfg = cfg["vision_cfg"], cfg.get("preprocess_cfg", {})
+    size = vcfg["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return open_clip.image_transform(size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+    # the same statistics open_clip gives the model (model.visual.image_mean/std), so triggers and data agree
+    mean = pcfg.get("mean") or vcfg.get("image_mean") or open_clip.OPENAI_DATASET_MEAN
+    std = pcfg.get("std") or vcfg.get("image_std") or open_clip.OPENAI_DATASET_STD
+    return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
 
 
 class TaskDataModule(L.LightningDataModule):
