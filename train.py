@@ -16,22 +16,22 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.datamodule import TaskDataModule
-from lightning_modules.finetune import FineTune
+from lightning_modules.finetune import FineTune  # the base class: BackdoorInjection etc. are chosen by class_path
 
 
 class BadMergingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # One task name drives both the head (model) and the data.
-        parser.link_arguments("data.task", "model.task")
-        parser.link_arguments("model.model_name", "data.model_name")
-        parser.link_arguments("model.cache_dir", "data.cache_dir")
+        parser.link_arguments("data.task", "model.init_args.task")
+        parser.link_arguments("model.init_args.model_name", "data.model_name")
+        parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
 
 
 def main(args=None):
     return BadMergingCLI(
         FineTune,
         TaskDataModule,
-        subclass_mode_model=False,
+        subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
