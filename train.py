@@ -11,7 +11,6 @@ where the ExportEncoder callback says (default <log_dir>/encoder.safetensors).
 
 from __future__ import annotations
 
-import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -38,4 +37,4 @@ def main(args=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    main()
