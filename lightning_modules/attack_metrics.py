@@ -22,6 +22,8 @@ class is not in this task).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torchmetrics import Metric
 
@@ -60,8 +62,9 @@ class _TargetCountMetric(Metric):
         self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @abstractmethod
     def _hit(self, preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Boolean (N,): which counted samples are hits (each subclass says what a hit is)."""
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
         preds = as_predictions(preds, labels)
