@@ -188,7 +188,7 @@ def test_cli_writes_trigger(tmp_path):
     files = list(tmp_path.rglob("trigger.safetensors"))
     assert len(files) == 1 and files[0].with_suffix(".png").is_file()
     tensor, spec, meta = load_trigger(files[0])
-    assert spec.size == 4 and spec.location == "bottom_right" and meta["target_name"] == "square"
+    assert spec.size == 6 and spec.location == "bottom_right" and meta["target_name"] == "square"  # the config's trigger
     assert meta["steps"] == 2 and meta["recipe"]["optimizer"] == "adam"
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events  # trigger/patch and trigger/samples go to TensorBoard
