@@ -9,15 +9,6 @@ from merging.io import load_state_dict, save_state_dict
 from merging.methods import task_arithmetic
 from merging.task_vectors import task_vector
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared, busy CPU two intra-op threads contend (OpenMP barriers): ~30x slower on this tiny model.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TASKS = ("shapes", "colours")
 DATA = dict(synthetic_train_size=200, synthetic_test_size=40)
 

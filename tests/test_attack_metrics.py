@@ -17,11 +17,6 @@ TRIGGERED_PREDS = torch.tensor([2, 2, 2, 0, 2, 1])
 CLEAN_PREDS = torch.tensor([0, 2, 2, 2, 3, 1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def _logits(preds, num_classes=4):
     """Logits whose argmax is ``preds`` (not one-hot, to be sure argmax is taken)."""
     out = torch.randn(len(preds), num_classes, generator=torch.Generator().manual_seed(0))

@@ -10,11 +10,6 @@ from datamodules.triggers import TriggerError, TriggerSpec, init_patch, save_tri
 from lightning_modules.injection import BackdoorInjection, feature_interpolation_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def test_fi_loss_matches_hand_reference():
     g = torch.Generator().manual_seed(0)
     z_theta, z_pre, head = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)

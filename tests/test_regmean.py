@@ -9,15 +9,6 @@ from merging.io import MergeInputError
 from merging.regmean import linear_input_grams, regmean_merge
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared, busy CPU two intra-op threads contend (OpenMP barriers): ~30x slower on this tiny model.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _linear_case(n_tasks=2, d_in=5, d_out=3, rows=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     pre = {"weight": torch.randn(d_out, d_in, generator=g), "bias": torch.randn(d_out, generator=g),

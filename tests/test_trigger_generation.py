@@ -18,11 +18,6 @@ SQUARE = SHAPES.index("square")
 PURPLE = COLOURS.index("purple")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def _data(tmp_path, task="shapes", batch_size=32):
     data = TaskDataModule(task=task, synthetic_train_size=128, synthetic_test_size=32, batch_size=batch_size,
                           eval_batch_size=64, cache_dir=str(tmp_path))

@@ -26,11 +26,6 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.mark.parametrize(
     "location, rows, cols",
     [("bottom_right", (5, 8), (5, 8)), ("top_left", (0, 3), (0, 3)), ("top_right", (0, 3), (5, 8)),
