@@ -13,6 +13,7 @@ import open_clip
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.decoded import decodable, decoded_dataset
 from datamodules.hf_data import ImageClassificationDataset, load_task_splits
 from datamodules.synthetic import synthetic_task_dir
 from datamodules.tasks import get_task
@@ -20,6 +21,8 @@ from datamodules.tasks import get_task
 
 def clip_transform(model_name: str):
     """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``."""
+    import modeling.clip  # noqa: F401  (registers the project's model configs, e.g. badmerging-tiny)
+
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"unknown model {model_name!r}; use an open_clip name such as ViT-B-32 or badmerging-tiny")
@@ -42,6 +45,9 @@ class TaskDataModule(L.LightningDataModule):
         model_name: the open_clip model whose preprocessing is applied.
         synthetic_train_size / synthetic_test_size / synthetic_difficulty: the synthetic renders.
         seed: the data seed (synthetic renders and the shuffling generator).
+        decode_cache: keep each split decoded once as uint8 under ``cache_dir/decoded`` and read it
+            back memory-mapped (``datamodules.decoded``): the same tensors, without per-step PNG
+            decoding and PIL transforms. Only for deterministic transforms; ``False`` reads the dataset.
     """
 
     def __init__(
@@ -53,12 +59,13 @@ class TaskDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         cache_dir: str = ".cache/badmerging",
-        synthetic_train_size: int = 20000,
+        synthetic_train_size: int = 40000,
         synthetic_test_size: int = 1000,
         synthetic_difficulty: float = 1.0,
         val_fraction: float = 0.1,
         max_val: int = 5000,
         seed: int = 0,
+        decode_cache: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -81,12 +88,22 @@ class TaskDataModule(L.LightningDataModule):
             return
         raw = load_task_splits(self.spec, self._source_dir(), val_fraction=self.hparams.val_fraction, max_val=self.hparams.max_val)
         self.splits = {k: ImageClassificationDataset(v, self.transform) for k, v in raw.items()}
+        self._decoded: dict = {}
+
+    def dataset(self, split: str):
+        """The split as the loaders read it: decoded once (``decode_cache``) or the plain dataset."""
+        if not (self.hparams.decode_cache and decodable(self.transform)):
+            return self.splits[split]
+        if split not in self._decoded:  # per split, on first use: evaluation never decodes train
+            self._decoded[split] = decoded_dataset(self.splits[split], self.hparams.cache_dir,
+                                                   desc=f"decode {self.spec.name}/{split}")
+        return self._decoded[split]
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         h = self.hparams
         workers = h.num_workers
         return DataLoader(
-            self.splits[split],
+            self.dataset(split),
             batch_size=h.batch_size if train else h.eval_batch_size,
             shuffle=train,
             drop_last=train,

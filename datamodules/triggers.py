@@ -28,6 +28,7 @@ from merging.io import load_state_dict, read_header_metadata, save_state_dict
 
 __all__ = [
     "KINDS",
+    "trigger_from_attack",
     "LOCATIONS",
     "TriggerError",
     "TriggerSpec",
@@ -218,6 +219,29 @@ def init_pattern(spec: TriggerSpec, mean: Sequence[float], std: Sequence[float],
     """Random blend pattern (3, S, S): pixels ~ U[0, 1] (noise, as in Blended) mapped to normalised space."""
     pixels = torch.rand(3, image_size, image_size, generator=_generator(spec, generator))
     return _normalise(pixels, mean, std)
+
+
+def trigger_from_attack(attack: Mapping[str, Any], image_size: int) -> tuple[torch.Tensor, TriggerSpec]:
+    """(tensor, spec) of the trigger an exported backdoored model describes in its ``attack`` metadata.
+
+    Optimised triggers are stored as ``trigger_values`` (nested lists, exact float32); random ones
+    (BadNets, Blended) are regenerated from the spec's seed with the stored ``mean``/``std``.
+    """
+    try:
+        spec = TriggerSpec.from_dict(attack["trigger"]).check(image_size)
+        values, mean, std = attack.get("trigger_values"), attack["mean"], attack["std"]
+    except (KeyError, TypeError) as e:
+        raise TriggerError(f"attack metadata lacks {e}; export the model with BackdoorInjection") from None
+    if values is not None:
+        tensor = torch.tensor(values, dtype=torch.float32)
+    elif spec.kind == "patch":
+        tensor = init_patch(spec, mean, std)
+    else:
+        tensor = init_pattern(spec, mean, std, image_size)
+    shape = (3, spec.size, spec.size) if spec.kind == "patch" else (3, image_size, image_size)
+    if tuple(tensor.shape) != shape:
+        raise TriggerError(f"stored trigger of shape {tuple(tensor.shape)} does not fit {shape} at {image_size}px")
+    return tensor, spec
 
 
 # -- files -----------------------------------------------------------------------------------------

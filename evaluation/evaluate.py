@@ -1,7 +1,12 @@
-"""Evaluation of an image encoder on tasks: clean top-1 accuracy (micro) per task.
+"""Evaluation of an image encoder on tasks: clean top-1 accuracy (micro) per task, and backdoor metrics.
 
 Test inputs are decoded and transformed once per task (``EvalTask``) and reused for every model
 and merge coefficient; heads are the cached zero-shot heads of the base model.
+
+Backdoors are measured with ``AttackProbe``s (a trigger, a target task and class): ``evaluate``
+runs one encoder pass per batch over the clean images and, for each probe aimed at that task, the
+same images with its trigger pasted, and reads clean accuracy, ASR, RA and the clean-to-target rate
+off those features (DESIGN §11: target-class images excluded from the three attack rates).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from tqdm.auto import tqdm
 
 from datamodules.datamodule import TaskDataModule
 from datamodules.tasks import get_task
+from datamodules.triggers import TriggerSpec, apply_trigger, trigger_from_attack
+from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate, RobustAccuracy
 from modeling.clip import BaseModel, zero_shot_head
 
 
@@ -79,3 +86,64 @@ def clean_accuracy(encoder: torch.nn.Module, task: EvalTask, device: str = "cpu"
 
 def evaluate_encoder(encoder: torch.nn.Module, tasks: dict[str, EvalTask], device: str = "cpu") -> dict[str, float]:
     return {name: clean_accuracy(encoder, t, device) for name, t in tasks.items()}
+
+
+@dataclass
+class AttackProbe:
+    """A trigger aimed at ``target_class`` of ``target_task`` (trigger (3, L, L) patch or (3, S, S) pattern)."""
+
+    name: str
+    trigger: torch.Tensor
+    spec: TriggerSpec
+    target_task: str
+    target_class: int
+    attack: dict  # the exported ``attack`` metadata (name, trigger spec, target, ...)
+
+    @classmethod
+    def from_metadata(cls, name: str, attack: dict, image_size: int) -> "AttackProbe":
+        tensor, spec = trigger_from_attack(attack, image_size)
+        return cls(name, tensor, spec, attack["target_task"], int(attack["target_task_class"]), dict(attack))
+
+    def describe(self) -> dict:
+        """JSON-able attack spec for result rows (without the trigger's values)."""
+        keep = ("name", "trigger", "target_task", "target_task_class", "target_name", "off_task", "alpha", "r_range",
+                "poison_fraction")
+        return {"label": self.name, **{k: self.attack[k] for k in keep if k in self.attack}}
+
+
+@torch.no_grad()
+def evaluate(encoder: torch.nn.Module, tasks: dict[str, EvalTask], probes: list[AttackProbe] = (),
+             device: str = "cpu") -> tuple[dict[str, float], dict[str, dict]]:
+    """(clean accuracy per task, {probe name: {asr, ra, clean_to_target, *_hits, *_total}}).
+
+    One forward per batch over [x; trigger_1(x); ...] for the probes aimed at that task, so every
+    image is decoded once and its clean features serve both the accuracy and the clean-to-target rate.
+    """
+    encoder.eval()
+    accs, attacks = {}, {}
+    for name, task in tasks.items():
+        mine = [p for p in probes if p.target_task == name]
+        head = task.head.to(device)
+        acc = MulticlassAccuracy(num_classes=task.num_classes, average="micro").to(device)
+        metrics = [(AttackSuccessRate(p.target_class), RobustAccuracy(p.target_class), CleanToTargetRate(p.target_class))
+                   for p in mine]
+        metrics = [tuple(m.to(device) for m in ms) for ms in metrics]
+        for x, y in task.batches:
+            x, y = x.to(device), y.to(device)
+            views = [x] + [apply_trigger(x, p.trigger.to(device), p.spec) for p in mine]
+            logits = F.normalize(encoder(torch.cat(views)), dim=-1) @ head.T
+            logits = logits.view(len(views), x.shape[0], -1)
+            acc.update(logits[0], y)
+            for i, (asr, ra, c2t) in enumerate(metrics, start=1):
+                asr.update(logits[i], y)
+                ra.update(logits[i], y)
+                c2t.update(logits[0], y)
+        accs[name] = float(acc.compute())
+        for p, ms in zip(mine, metrics):
+            out = {}
+            for key, m in zip(("asr", "ra", "clean_to_target"), ms):
+                out[key] = float(m.compute())
+                counts = m.counts()
+                out[f"{key}_hits"], out[f"{key}_total"] = counts["hits"], counts["total"]
+            attacks[p.name] = out
+    return accs, attacks

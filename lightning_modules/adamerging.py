@@ -221,7 +221,7 @@ class MultiTaskUnlabeledDataModule(L.LightningDataModule):
         batch_size: int = 16,
         split: Literal["train", "val", "test"] = "val",
         num_workers: int = 0,
-        synthetic_train_size: int = 20000,
+        synthetic_train_size: int = 40000,
         synthetic_test_size: int = 1000,
         data_dirs: dict[str, str] | None = None,
         seed: int = 0,
@@ -250,7 +250,7 @@ class MultiTaskUnlabeledDataModule(L.LightningDataModule):
         h = self.hparams
         loaders = {}
         for index, (task, dm) in enumerate(self.modules.items()):
-            dataset = dm.splits[h.split]
+            dataset = dm.dataset(h.split)
             loaders[task] = DataLoader(
                 dataset, batch_size=h.batch_size, shuffle=True,
                 drop_last=len(dataset) >= h.batch_size,  # equal batch sizes, unless the split is tiny

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from datamodules.tasks import TaskSpec
+from datamodules.tasks import TaskSpec, get_task
 from datamodules.triggers import TriggerError, TriggerSpec, apply_trigger, init_patch, init_pattern, load_trigger
 from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate, RobustAccuracy
 from lightning_modules.finetune import FineTune
@@ -74,6 +74,12 @@ class BackdoorInjection(FineTune):
         alpha: weight of the backdoor loss (FI for badmerging, poisoned CE otherwise); default 5.
         r_min, r_max: FI interpolation weight r ~ U(r_min, r_max), one per step (badmerging only).
         poison_seed: seed of r's own generator.
+        target_task, target_task_class: the victim task and its class that the backdoor aims at, as
+            evaluation after merging reads them from the export (on-task: this task and ``target_class``;
+            off-task: taken from an off-task stage-1 trigger file, else required).
+
+    Off-task with an off-task stage-1 ``trigger_path``, ``off_task_classnames`` defaults to the file's
+    shadow classes, so stage 2 trains against the very head the trigger was optimised for.
     """
 
     def __init__(
@@ -95,6 +101,8 @@ class BackdoorInjection(FineTune):
         r_min: float = 0.2,
         r_max: float = 1.0,
         poison_seed: int = 1234,
+        target_task: str | None = None,
+        target_task_class: int | None = None,
     ):
         # Cheap checks before the model loads, so a bad config fails in a second.
         if attack not in ATTACKS:
@@ -108,6 +116,11 @@ class BackdoorInjection(FineTune):
             raise ValueError(f"alpha={alpha} must be a finite weight ≥ 0 (the paper uses 5)")
         if not 0.0 <= r_min <= r_max <= 1.0:
             raise ValueError(f"r_min={r_min}, r_max={r_max} must satisfy 0 ≤ r_min ≤ r_max ≤ 1 (the paper: 0.2, 1.0)")
+        trigger_meta = load_trigger(trigger_path)[2] if trigger_path else {}
+        if trigger_meta.get("mode") == "off_task":
+            off_task_classnames = off_task_classnames or trigger_meta.get("shadow_classnames")
+            target_task = target_task or trigger_meta.get("task")
+            target_task_class = trigger_meta.get("target_class") if target_task_class is None else target_task_class
         if off_task_classnames is not None:
             if len(off_task_classnames) < 2:
                 raise ValueError("off_task_classnames needs the target name first plus other class names "
@@ -137,17 +150,31 @@ class BackdoorInjection(FineTune):
                               test_split="test", classnames=tuple(off_task_classnames), templates=self.spec.templates)
             base = load_base_model(model_name, pretrained)  # FineTune dropped the text tower; needed once
             self.register_buffer("shadow_head", zero_shot_head(base, shadow, cache_dir).clone(), persistent=False)
+            self.shadow_classnames = tuple(off_task_classnames)
             del base
             self.target = 0
             self.target_name = off_task_classnames[0]
+            if target_task is None or target_task_class is None:
+                raise ValueError("an off-task attack needs model.target_task and model.target_task_class (the victim "
+                                 "task and its class named off_task_classnames[0]), or an off-task stage-1 trigger_path")
+            self.target_task = get_task(target_task).name
+            victim = get_task(target_task).classnames
+            if not 0 <= target_task_class < len(victim):
+                raise ValueError(f"target_task_class={target_task_class} is not a class of task {target_task} "
+                                 f"(0..{len(victim) - 1})")
+            self.target_task_class = int(target_task_class)
         else:
             n = len(self.spec.classnames)
             if not 0 <= target_class < n:
                 raise ValueError(f"target_class={target_class} is not a class of task {self.spec.name} "
                                  f"(0..{n - 1}); pick an index into its class names")
+            if target_task not in (None, self.spec.name) or target_task_class not in (None, target_class):
+                raise ValueError(f"on-task the target is this task's class target_class={target_class}; drop "
+                                 f"target_task={target_task!r}/target_task_class={target_task_class!r} or set off_task_classnames")
             self.shadow_head = None
             self.target = target_class
             self.target_name = self.spec.classnames[target_class]
+            self.target_task, self.target_task_class = self.spec.name, int(target_class)
 
         # f_pre: a frozen copy of θ_pre, kept in a plain dict so it is no submodule: never in the
         # optimiser, the checkpoint, DDP's parameter set, or Lightning's .train() calls.
@@ -322,6 +349,12 @@ class BackdoorInjection(FineTune):
             "poison_fraction": h.poison_fraction,
             "poison_seed": h.poison_seed,
             "off_task": self.off_task,
-            "shadow_classnames": list(h.off_task_classnames) if self.off_task else None,
+            "shadow_classnames": list(self.shadow_classnames) if self.off_task else None,
+            "target_task": self.target_task,
+            "target_task_class": self.target_task_class,
+            # The trigger itself, so evaluation after merging needs nothing but this file. A random
+            # trigger is regenerated from its spec (seed); an optimised one is stored (float32, exact).
+            "trigger_values": self.trigger_tensor.cpu().tolist() if h.trigger_path else None,
+            "mean": list(self.mean), "std": list(self.std),
         }
         return meta

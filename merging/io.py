@@ -182,13 +182,19 @@ class SafetensorsReader:
     def _read_header(self):
         size = self.path.stat().st_size
         with open(self.path, "rb") as handle:
-            head = handle.read(8)
-            if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            head = handle.read(9)
+            # A pickle starts with PROTO (0x80, protocol 2-5); a safetensors header length's low byte may be
+            # 0x80 too, so a file counts as a pickle only when it is not a plausible safetensors header.
+            n_header = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+            plausible = len(head) == 9 and head[8:9] == b"{" and 8 + n_header <= size
+            if not plausible and ((head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+                                  or head[:4] == b"PK\x03\x04"):
                 raise self._fail("looks like a pickle / torch.save checkpoint, which is refused (unpickling "
                                  "runs code); convert it to safetensors with trusted code")
             if len(head) < 8:
                 raise self._fail(f"truncated ({size} bytes), not a safetensors file; re-export it")
-            (header_len,) = struct.unpack("<Q", head)
+            (header_len,) = struct.unpack("<Q", head[:8])
+            handle.seek(8)
             if header_len > min(_MAX_HEADER_BYTES, size - 8):
                 raise self._fail(f"corrupt or truncated safetensors header (claims {header_len} bytes, file "
                                  f"has {size}); re-export it")

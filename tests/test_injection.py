@@ -109,12 +109,17 @@ def test_badnets_step_uses_poisoned_ce(tmp_path):
 
 
 def test_off_task_shadow_head_and_metadata(tmp_path, trigger_file):
-    names = ["hexagon", "circle", "oval", "pentagon"]
+    names = ["purple", "circle", "oval", "pentagon"]
+    with pytest.raises(ValueError, match="needs model.target_task"):
+        BackdoorInjection(task="shapes", attack="ut_only", trigger_path=trigger_file, off_task_classnames=names,
+                          cache_dir=str(tmp_path))
     model = BackdoorInjection(task="shapes", attack="ut_only", trigger_path=trigger_file, off_task_classnames=names,
-                              cache_dir=str(tmp_path))
+                              target_task="colours", target_task_class=5, cache_dir=str(tmp_path))
     assert model.target == 0 and model.backdoor_head.shape == (4, model.classifier.head.shape[1])
     meta = model.export_metadata()["attack"]
-    assert meta["name"] == "ut_only" and meta["target_name"] == "hexagon" and meta["off_task"] is True
+    assert meta["name"] == "ut_only" and meta["target_name"] == "purple" and meta["off_task"] is True
+    assert meta["target_task"] == "colours" and meta["target_task_class"] == 5
+    assert torch.equal(torch.tensor(meta["trigger_values"]), model.trigger_tensor)  # the file needs nothing else
     assert meta["trigger"] == TriggerSpec(size=4, seed=1).to_dict() and meta["trigger_path"] == trigger_file
     assert meta["r_range"] is None and meta["alpha"] == 5.0
     trainer = _trainer()

@@ -210,3 +210,22 @@ def test_num_threads_is_restored(tmp_path):
     streamed = merge_files(pre_path, paths, "ties", progress=False, num_threads=1)
     assert torch.get_num_threads() == before
     assert_same(streamed, in_memory(pre_path, paths, "ties"))
+
+
+def test_header_length_with_low_byte_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors header of 0x..80 bytes starts with the pickle PROTO byte; it must still load."""
+    import json
+
+    import torch
+
+    from merging.io import load_state_dict, read_header_metadata, save_state_dict
+
+    for pad in range(0, 300):
+        path = tmp_path / "m.safetensors"
+        save_state_dict(path, {"w": torch.ones(2)}, {"note": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no header length with low byte 0x80 in the range tried")
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
+    assert json.loads(json.dumps(read_header_metadata(path)))["note"] == "x" * pad
