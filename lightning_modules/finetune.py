@@ -63,7 +63,9 @@ class FineTune(L.LightningModule):
         head = zero_shot_head(base, self.spec, cache_dir)
         self.classifier = ImageClassifier(base.model.visual, head).train()
         n = len(self.spec.classnames)
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        # validate_args=False: the checks run torch.unique on the labels, a device sync every step.
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
+        self._nonfinite: torch.Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
@@ -85,9 +87,23 @@ class FineTune(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._common_step(batch, "train", self.train_acc)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; lower model.lr or check the data")
+        self.check_finite(loss, "lower model.lr or check the data")
         return loss
+
+    def check_finite(self, loss: torch.Tensor, fix: str, every: int = 25) -> None:
+        """Stop training with a clear message once the loss is NaN or infinite.
+
+        On CPU the check runs every step. On an accelerator reading the flag syncs the device, so the
+        flag accumulates there and is read every ``every`` steps (and the message names the window).
+        """
+        bad = ~torch.isfinite(loss.detach())
+        if loss.device.type == "cpu":
+            if bad:
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; {fix}")
+            return
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if self.global_step % every == 0 and bool(self._nonfinite):
+            raise FloatingPointError(f"non-finite training loss within the {every} steps up to step {self.global_step}; {fix}")
 
     def validation_step(self, batch, batch_idx):
         self._common_step(batch, "val", self.val_acc)

@@ -271,9 +271,7 @@ class BackdoorInjection(FineTune):
             target = torch.full((n_poison,), self.target, dtype=torch.long, device=x.device)
             backdoor_loss = F.cross_entropy(self.classifier.logits(z_bd, self.backdoor_head), target)
         loss = clean_loss + h.alpha * backdoor_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; "
-                                     "lower model.lr or model.alpha, or check the data")
+        self.check_finite(loss, "lower model.lr or model.alpha, or check the data")
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/clean_loss", clean_loss)

@@ -53,7 +53,7 @@ VARIANTS = {
        for short, attack, hp in (("bm_on", "badmerging_ontask", {"alpha": 8.5, "r_min": 0.1, "r_max": 0.7}),
                                  ("badnets", "badnets", {"alpha": 5.0}), ("ut_only", "ut_only", {"alpha": 5.0}),
                                  ("bm_off", "badmerging_offtask", {"alpha": 5.0}))
-       for steps, pf in ((200, 0.5), (300, 0.5), (250, 0.25))},
+       for steps, pf in ((200, 0.5), (300, 0.5), (250, 0.25), (200, 0.25))},
     "bm_on_a5_r02-10_seed1": ("badmerging_ontask", {"alpha": 5.0, "seed_everything": 1}),
     "bm_on_a8.5_r01-07_seed1": ("badmerging_ontask", {"alpha": 8.5, "r_min": 0.1, "r_max": 0.7, "seed_everything": 1}),
 }

@@ -142,3 +142,10 @@ def test_config_errors(tmp_path, trigger_file):
         BackdoorInjection(attack="badnets", target_class=10, cache_dir=str(tmp_path))
     with pytest.raises(TriggerError, match="exceeds the image size 24"):
         BackdoorInjection(attack="badnets", trigger={"size": 30}, cache_dir=str(tmp_path))
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message(tmp_path, trigger_file):
+    model = BackdoorInjection(task="shapes", attack="badnets", trigger={"size": 3}, cache_dir=str(tmp_path))
+    model.check_finite(torch.tensor(1.0), "fix")  # finite: nothing happens
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 0; lower model.lr"):
+        model.check_finite(torch.tensor(float("nan")), "lower model.lr")
