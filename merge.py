@@ -20,9 +20,11 @@ all-clean merge, the "inherent" baseline). Each evaluated model gives one row wi
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -32,8 +34,8 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from tqdm.auto import tqdm
 
-from merging.io import MergeInputError, load_metadata, load_state_dict, save_state_dict
-from merging.methods import get_merge_method, method_hyperparameters
+from merging.io import MergeInputError, load_metadata, load_state_dict, metadata_path, read_header_metadata, save_state_dict
+from merging.methods import build_plan, get_merge_method, method_hyperparameters
 from merging.streaming import merge_files, validate_inputs
 from merging.task_vectors import task_vector
 from modeling.clip import EMBEDDED_MODEL, load_base_model
@@ -83,13 +85,179 @@ def _task_of(path: str, meta: dict | None, given: str | None) -> str:
 
 
 def check_base(path: str, meta: dict | None, base_id: str) -> None:
-    """Refuse a model fine-tuned from another base; warn when nothing says which base it came from."""
+    """Refuse a model fine-tuned from another base (naming both); warn when nothing says which base it came from."""
     if not meta:
         warnings.warn(f"{path}: no JSON metadata beside it; cannot verify its task or base model", stacklevel=2)
         return
-    theirs = (meta.get("base_model") or {}).get("base_id")
-    if theirs and theirs != base_id:
-        raise MergeInputError(f"{path} was fine-tuned from {theirs}, not from the base {base_id}; pass the matching --model_name/--pretrained")
+    described = meta.get("base_model")
+    theirs = described.get("base_id") if isinstance(described, dict) else None
+    if not theirs:
+        warnings.warn(f"{path}: its metadata names no base model; cannot verify that it was fine-tuned from {base_id}",
+                      stacklevel=2)
+    elif theirs != base_id:
+        raise MergeInputError(f"{path} was fine-tuned from {theirs}, not from the base {base_id}; pass the matching "
+                              "--model_name/--pretrained, or leave this model out")
+
+
+def model_metadata(path: str) -> dict | None:
+    """A model's metadata: the JSON sidecar, else the copy in its safetensors header (a file copied alone).
+
+    Where both exist and name different base models, the model is refused: one of them was edited.
+    """
+    sidecar = load_metadata(path)
+    header = read_header_metadata(path)  # also refuses a pickle or a corrupt file, naming it
+    header = header if isinstance(header, dict) else None
+
+    def base_of(meta: dict | None):
+        described = meta.get("base_model") if meta else None
+        return described.get("base_id") if isinstance(described, dict) else None
+
+    if base_of(sidecar) and base_of(header) and base_of(sidecar) != base_of(header):
+        raise MergeInputError(f"{path}: its sidecar {metadata_path(path)} names base {base_of(sidecar)} but its header "
+                              f"names {base_of(header)}; one was edited, re-export the model")
+    return sidecar if sidecar is not None else header
+
+
+# -- validation of merge.py's arguments: cheap, before any work; each error names the argument and the fix --
+ENGINES = ("auto", "memory", "streaming")
+_NEGATION_OK = ("task_arithmetic",)  # λ < 0 negates a task there; for other methods it only flips the merged vector
+
+
+def _check_output_location(path: str | os.PathLike, flag: str, *, is_dir: bool) -> None:
+    """Refuse an output that cannot be created or written, without creating anything."""
+    path = Path(path)
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise MergeInputError(f"{flag} {path} is a file, not a directory; pass a directory")
+        if not is_dir and path.is_dir():
+            raise MergeInputError(f"{flag} {path} is a directory; pass a file path such as {path / 'merged.safetensors'}")
+    probe = path if (is_dir and path.is_dir()) else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MergeInputError(f"{flag} {path} cannot be created: {probe} is a file, not a directory; pass another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MergeInputError(f"{flag} {path} is not writable ({probe} refuses writes); pass another {flag}")
+
+
+def _positive_int(flag: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MergeInputError(f"{flag}={value!r} must be a positive integer")
+
+
+def _finite(where: str, name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MergeInputError(f"{where}: {name}={value!r} must be a number") from None
+    if not math.isfinite(number):
+        raise MergeInputError(f"{where}: {name}={value!r} must be finite")
+    return number
+
+
+def _validate_data_method(name: str, method: str, hparams: dict) -> None:
+    """RegMean / AdaMerging hyperparameters (their own code checks them again, but only after evaluation work)."""
+    import inspect
+
+    if method == "regmean":
+        from merging.regmean import regmean_merge
+
+        known = set(list(inspect.signature(regmean_merge).parameters)[3:]) | {"gram_batches"}
+    else:
+        known = {"granularity", "init", "lr", "steps"}
+    unknown = sorted(set(map(str, hparams)) - known)
+    if unknown:
+        raise MergeInputError(f"{name}: unknown hyperparameter(s) {unknown}; {method} takes {sorted(known)}")
+    for key in ("gram_batches", "steps"):
+        if key in hparams:
+            _positive_int(f"{name}: {key}", hparams[key])
+    if "alpha" in hparams and not 0 <= _finite(name, "alpha", hparams["alpha"]) <= 1:
+        raise MergeInputError(f"{name}: alpha={hparams['alpha']!r} must lie in [0, 1] (off-diagonal scale of the Grams)")
+    if "init" in hparams and not 0 <= _finite(name, "init", hparams["init"]) <= 1:
+        raise MergeInputError(f"{name}: init={hparams['init']!r} must lie in [0, 1] (λ is clamped there)")
+    if "lr" in hparams and not _finite(name, "lr", hparams["lr"]) > 0:
+        raise MergeInputError(f"{name}: lr={hparams['lr']!r} must be > 0")
+    if "granularity" in hparams and hparams["granularity"] not in ("task", "layer"):
+        raise MergeInputError(f"{name}: granularity={hparams['granularity']!r} must be 'task' or 'layer'")
+
+
+def validate_entry(entry: dict, n_models: int) -> None:
+    """One method of the run (``--method``/``--hparams``/``--coefficients`` or a ``--plan`` entry)."""
+    if not isinstance(entry, dict) or not entry.get("method"):
+        raise MergeInputError(f"--plan entry {entry!r} names no method; give each entry a 'method'")
+    method = entry["method"]
+    name = entry.get("name", method)
+    hparams = entry.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise MergeInputError(f"{name}: hparams={hparams!r} must be a mapping such as {{k: 20}}")
+    coefficients = entry.get("coefficients")
+    coefficients = [None] if coefficients is None else coefficients
+    if not isinstance(coefficients, (list, tuple)) or not coefficients:
+        raise MergeInputError(f"{name}: coefficients={coefficients!r} must be a non-empty list of numbers")
+    coefficients = [None if c is None else _finite(name, "coefficient", c) for c in coefficients]
+    if entry.get("select_on") not in (None, "val"):
+        raise MergeInputError(f"{name}: select_on must be 'val' or null, got {entry['select_on']!r}")
+    if method in DATA_METHODS:
+        _validate_data_method(name, method, hparams)
+        return
+    canonical = get_merge_method(method).__name__  # unknown names fail here, listing the known ones
+    defaults = method_hyperparameters(method)
+    for c in coefficients:
+        hp = {**defaults, **hparams}
+        if c is not None and "coefficient" in defaults:
+            hp["coefficient"] = c
+        if "k" in hp and (canonical == "ties_merge" or str(hp.get("base", "")).lower() == "ties"):
+            if not 0 < _finite(name, "k", hp["k"]) <= 100:
+                raise MergeInputError(f"{name}: k={hp['k']!r} must lie in (0, 100] (percent of each task vector "
+                                      "kept); TIES uses 20")
+        build_plan(method, n_models, **hp)  # names the bad or unknown hyperparameter
+        lam = hp.get("coefficient")
+        if method.lower().replace("-", "_") not in _NEGATION_OK and isinstance(lam, (int, float)) and lam < 0:
+            raise MergeInputError(f"{name}: coefficient={lam!r} is negative, which is meaningless for {method} (it flips "
+                                  "the merged vector); use a coefficient > 0, or task_arithmetic with λ < 0 for negation")
+
+
+def validate_config(cfg) -> None:
+    """Every argument of a merge.py run that can be checked without loading weights, before any work."""
+    from datamodules.tasks import get_task
+
+    if not cfg.models:
+        raise MergeInputError("no models given; pass --models a.safetensors b.safetensors ...")
+    for flag, paths in (("--models", cfg.models), ("--probe_models", cfg.probe_models or [])):
+        seen: dict[str, str] = {}
+        for path in paths:
+            if Path(path).is_dir():
+                raise MergeInputError(f"{flag}: {path} is a directory; pass the exported .safetensors file in it")
+            if not Path(path).is_file():
+                raise MergeInputError(f"{flag}: {path} does not exist; pass exported encoders (.safetensors)")
+            real = os.path.realpath(path)
+            if real in seen:
+                raise MergeInputError(f"{flag}: {path} is given twice (also as {seen[real]}); list each model once")
+            seen[real] = path
+    if cfg.tasks is not None and len(cfg.tasks) != len(cfg.models):
+        raise MergeInputError(f"--tasks has {len(cfg.tasks)} entries for {len(cfg.models)} --models; give one task per model")
+    for task in list(cfg.tasks or []) + list(cfg.eval_tasks or []) + list((cfg.data_dirs or {}).keys()):
+        get_task(task)  # UnknownTaskError lists the known tasks
+    for task, folder in (cfg.data_dirs or {}).items():
+        if not Path(folder).is_dir():
+            raise MergeInputError(f"--data_dirs: {folder} (task {task}) is not a directory; pass the task's local data folder")
+    if cfg.engine not in ENGINES:
+        raise MergeInputError(f"--engine={cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+    for flag in ("batch_size", "gram_batch_size", "synthetic_train_size", "synthetic_test_size"):
+        _positive_int(f"--{flag}", getattr(cfg, flag))
+    _positive_int("--val_max_examples", cfg.val_max_examples, allow_none=True)
+    _positive_int("--merge_threads", cfg.merge_threads, allow_none=True)
+    entries = plan_entries(cfg)
+    for entry in entries:
+        validate_entry(entry, len(cfg.models))
+    if cfg.export:
+        if len(entries) != 1 or len(entries[0]["coefficients"] or [None]) != 1:
+            raise MergeInputError("--export needs exactly one method and one coefficient; pass --coefficients λ")
+        _check_output_location(cfg.export, "--export", is_dir=False)
+    if cfg.evaluate:
+        _check_output_location(cfg.out_dir, "--out_dir", is_dir=True)
 
 
 def attack_label(attack) -> str:
@@ -161,20 +329,30 @@ class Merger:
     """θ_pre, the models and their tasks, and one way to produce merged state dicts for any method."""
 
     def __init__(self, cfg, base):
+        from datamodules.tasks import get_task
+
         self.cfg, self.base = cfg, base
+        validate_config(cfg)
         self.theta_pre = base.encoder_state_dict()
-        self.metas = [load_metadata(p) for p in cfg.models]
+        self.metas = [model_metadata(p) for p in cfg.models]
         given = cfg.tasks or [None] * len(cfg.models)
         self.tasks = [_task_of(p, m, given[i]) for i, (p, m) in enumerate(zip(cfg.models, self.metas))]
+        for p, t in zip(cfg.models, self.tasks):
+            try:
+                get_task(t)
+            except ValueError as e:
+                raise MergeInputError(f"{p}: {e}; pass --tasks to name its task") from None
         for p, m in zip(cfg.models, self.metas):
             check_base(p, m, base.base_id)
         total = sum(os.path.getsize(p) for p in cfg.models)
         self.streaming = cfg.engine == "streaming" or (cfg.engine == "auto" and total > (1 << 30))
+        # Keys, shapes and dtypes against θ_pre, finite values, no model twice: before any merge or evaluation.
         if self.streaming:
             self.pre_path = self._pretrained_file()
             validate_inputs(self.pre_path, cfg.models)
             self.vectors = None
         else:
+            validate_inputs(self.theta_pre, cfg.models, pretrained_name=f"θ_pre ({base.base_id})")
             self.vectors = [task_vector(load_state_dict(p), self.theta_pre) for p in tqdm(cfg.models, desc="task vectors", leave=False)]
 
     def _pretrained_file(self) -> Path:
@@ -360,7 +538,9 @@ def run(cfg) -> Path | None:
             scores = {}
             for c in tqdm(coefs, desc=f"{name}: select λ on val", leave=False):
                 accs = evaluate(merger.merge(method, hp_at(c)), "val")[0]
-                scores[c] = sum(accs[t] / ind_val[t] for t in accs) / len(accs)
+                # over the merged models' tasks (a probe's target task outside the merge has no individual)
+                scored = [t for t in accs if t in ind_val]
+                scores[c] = sum(accs[t] / ind_val[t] for t in scored) / len(scored)
             chosen = max(scores, key=scores.get)
             selection = {"split": "val", "metric": "mean normalized accuracy", "scores": scores, "chosen": chosen,
                          "val_examples_per_task": cfg.val_max_examples}
@@ -391,15 +571,112 @@ def run(cfg) -> Path | None:
     return path
 
 
+USER_ERRORS = (ValueError, OSError, FloatingPointError, argparse.ArgumentError)  # MergeInputError is a ValueError
+
+
+def check_config_files(argv: list[str]) -> None:
+    """``--config`` files exist and are well-formed YAML mappings (jsonargparse's own message spans many lines)."""
+    import yaml
+
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        path = Path(value)
+        if not path.is_file():
+            if "\n" not in value and ":" not in value:
+                raise MergeInputError(f"--config {value}: file not found; check the path (configs/merge/ holds the shipped ones)")
+            continue  # inline YAML: jsonargparse parses it
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise MergeInputError(f"--config {value}: malformed YAML{where} ({getattr(e, 'problem', None) or type(e).__name__}); "
+                                  "fix the file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise MergeInputError(f"--config {value}: unreadable ({_one_line(e)}); check the file") from None
+        if data is not None and not isinstance(data, dict):
+            raise MergeInputError(f"--config {value}: holds a {type(data).__name__}, not a mapping of settings; "
+                                  "see configs/merge/ for the format")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _parse_error_line(error: BaseException) -> str:
+    """jsonargparse's parse error as one line; an unknown option or config key says so and names it."""
+    import re
+
+    text = _one_line(error)
+    key = (re.search(r"Option '([^']+)' is not accepted", text) or re.search(r'Key "([^"]+)" is not expected', text)
+           or re.search(r'No action for key "([^"]+)"', text) or re.search(r"Unrecognized arguments: (\S+)", text, re.I))
+    if key:
+        return f"unknown option or config key {key.group(1).lstrip('-')!r}; fix its spelling or remove it (merge.py --help lists them)"
+    return f"{text}; see merge.py --help"
+
+
+def _output_snapshot(cfg) -> dict:
+    """What exists before the run, so that a failed run can remove exactly what it created."""
+    out_dir = Path(cfg.out_dir)
+    created_root = None
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        created_root, probe = probe, probe.parent
+    export = Path(cfg.export) if cfg.export else None
+    return {"out_dir": out_dir, "created_root": created_root, "export": export,
+            "export_existed": bool(export and export.exists()),
+            "sidecar_existed": bool(export and metadata_path(export).exists())}
+
+
+def _remove_partial_outputs(snapshot: dict) -> None:
+    """After a failure: drop the export this run wrote, its temp files, and directories it created (if empty)."""
+    export = snapshot["export"]
+    if export is not None:
+        if not snapshot["export_existed"] and export.is_file():
+            export.unlink()
+        if not snapshot["sidecar_existed"] and metadata_path(export).is_file():
+            metadata_path(export).unlink()
+    out_dir = snapshot["out_dir"]
+    if out_dir.is_dir():
+        for tmp in out_dir.glob(f".results.*.tmp{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+    root = snapshot["created_root"]
+    if root is not None:
+        current = out_dir
+        while True:
+            try:
+                current.rmdir()  # only if empty
+            except OSError:
+                break
+            if current == root:
+                break
+            current = current.parent
+
+
 def main(argv=None) -> int:
+    """CLI entry: exit status 0, or 2 with one line ``merge.py: error: ...`` on stderr for bad input.
+
+    ``BADMERGING_TRACEBACK=1`` re-raises instead (full traceback). A failed run leaves no partial outputs.
+    """
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    parser.exit_on_error = False  # parse errors become one line below, not usage + message
     try:
-        path = run(cfg)
-    except (MergeInputError, ValueError, FileNotFoundError) as e:
+        check_config_files(list(sys.argv[1:] if argv is None else argv))
+        cfg = parser.parse_args(argv)
+        validate_config(cfg)
+        snapshot = _output_snapshot(cfg)
+        try:
+            path = run(cfg)
+        except BaseException:
+            _remove_partial_outputs(snapshot)
+            raise
+    except USER_ERRORS as e:
         if os.environ.get("BADMERGING_TRACEBACK"):
             raise
-        print(f"merge.py: error: {e}", file=sys.stderr)
+        print(f"merge.py: error: {_parse_error_line(e) if isinstance(e, argparse.ArgumentError) else _one_line(e)}",
+              file=sys.stderr)
         return 2
     if path is not None:
         print(path)

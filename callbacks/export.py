@@ -6,9 +6,27 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from merging.io import save_state_dict
 from modeling.version import code_version
+
+
+class ExportError(ValueError):
+    """The export cannot be written where it is asked for; the message names the path and the fix."""
+
+
+def check_writable(path: Path, what: str = "export path") -> None:
+    """Refuse an output file that cannot be created or written, without creating anything."""
+    if path.is_dir():
+        raise ExportError(f"{what} {path} is a directory; pass a file path such as {path / 'encoder.safetensors'}")
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"{what} {path} is not writable ({probe} refuses writes); choose another path")
 
 
 class ExportEncoder(L.Callback):
@@ -16,7 +34,9 @@ class ExportEncoder(L.Callback):
 
     ``path`` defaults to ``<trainer.log_dir>/encoder.safetensors``. Metadata = the module's
     ``export_metadata()`` plus seed, steps, final logged metrics and code version; it sits beside the
-    weights as ``encoder.json`` and inside the safetensors header.
+    weights as ``encoder.json`` and inside the safetensors header. The file is written atomically
+    (temp name, fsync, rename). The location is checked when fit starts, so a bad path fails before
+    training rather than after it; weights with NaN or inf are never exported.
     """
 
     def __init__(self, path: str | None = None):
@@ -24,10 +44,22 @@ class ExportEncoder(L.Callback):
         self.path = path
         self.written: Path | None = None
 
+    def _target(self, trainer: L.Trainer) -> Path:
+        return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            check_writable(self._target(trainer))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
+        path = self._target(trainer)
+        state = pl_module.encoder.state_dict()
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise FloatingPointError(f"encoder weight {bad!r} holds NaN or inf at step {trainer.global_step}; not "
+                                     f"exported to {path}: resume from an earlier checkpoint with a lower model.lr")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = pl_module.export_metadata()
         meta.update(
@@ -36,5 +68,5 @@ class ExportEncoder(L.Callback):
             metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             code_version=code_version(),
         )
-        save_state_dict(path, pl_module.encoder.state_dict(), meta)
+        save_state_dict(path, state, meta)
         self.written = path

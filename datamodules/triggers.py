@@ -16,6 +16,7 @@ plus a PNG of the un-normalised trigger beside it for eyes and TensorBoard.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from merging.io import load_state_dict, read_header_metadata, save_state_dict
+from merging.io import MergeInputError, load_state_dict, read_header_metadata, save_state_dict
 
 __all__ = [
     "KINDS",
@@ -70,18 +71,26 @@ class TriggerSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise TriggerError(f"trigger kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise TriggerError(f"trigger size={self.size!r} must be a positive integer (patch side in pixels)")
-        if self.location not in LOCATIONS:
+        if not isinstance(self.location, str) or self.location not in LOCATIONS:
             raise TriggerError(f"trigger location={self.location!r} is unknown; use one of {', '.join(LOCATIONS)}")
-        if not 0.0 < float(self.alpha) < 1.0:
+        try:
+            alpha = float(self.alpha) if not isinstance(self.alpha, bool) else None
+        except (TypeError, ValueError, OverflowError):
+            alpha = None
+        if alpha is None or not 0.0 < alpha < 1.0:
             raise TriggerError(f"trigger alpha={self.alpha!r} must lie strictly between 0 and 1 (blend weight)")
-        self.alpha = float(self.alpha)
+        self.alpha = alpha
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise TriggerError(f"trigger seed={self.seed!r} must be an integer in [0, 2**63) (seeds the random init)")
 
     def check(self, image_size: int) -> "TriggerSpec":
         """Raise ``TriggerError`` unless a patch of side ``size`` fits in an ``image_size`` image."""
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise TriggerError(f"image size {image_size!r} must be a positive integer")
         if self.kind == "patch" and self.size > image_size:
             raise TriggerError(f"trigger size={self.size} exceeds the image size {image_size}; "
                                f"use a size of at most {image_size}")
@@ -93,9 +102,11 @@ class TriggerSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "TriggerSpec":
         """A spec from keyword arguments; unknown keys raise ``TriggerError`` (a typo would be silently ignored)."""
+        if data is not None and not isinstance(data, Mapping):
+            raise TriggerError(f"trigger spec must be a mapping such as {{kind: patch, size: 4}}, got {data!r}")
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise TriggerError(f"unknown trigger field(s) {unknown}; use only {sorted(known)}")
         return cls(**data)
@@ -227,13 +238,25 @@ def trigger_from_attack(attack: Mapping[str, Any], image_size: int) -> tuple[tor
     Optimised triggers are stored as ``trigger_values`` (nested lists, exact float32); random ones
     (BadNets, Blended) are regenerated from the spec's seed with the stored ``mean``/``std``.
     """
+    if not isinstance(attack, Mapping):
+        raise TriggerError(f"attack metadata must be a mapping, got {type(attack).__name__}; export the model with "
+                           "BackdoorInjection")
     try:
         spec = TriggerSpec.from_dict(attack["trigger"]).check(image_size)
         values, mean, std = attack.get("trigger_values"), attack["mean"], attack["std"]
     except (KeyError, TypeError) as e:
         raise TriggerError(f"attack metadata lacks {e}; export the model with BackdoorInjection") from None
+    mean, std = _channel_stats("mean", mean), _channel_stats("std", std)
+    if any(s <= 0 for s in std):
+        raise TriggerError(f"attack metadata std={list(std)} must be > 0 per channel; export the model with BackdoorInjection")
     if values is not None:
-        tensor = torch.tensor(values, dtype=torch.float32)
+        try:
+            tensor = torch.tensor(values, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TriggerError("attack metadata trigger_values is not a nested list of numbers; re-export the model "
+                               "with BackdoorInjection") from None
+        if not bool(torch.isfinite(tensor).all()):
+            raise TriggerError("attack metadata trigger_values holds NaN or inf; re-export the model")
     elif spec.kind == "patch":
         tensor = init_patch(spec, mean, std)
     else:
@@ -242,6 +265,18 @@ def trigger_from_attack(attack: Mapping[str, Any], image_size: int) -> tuple[tor
     if tuple(tensor.shape) != shape:
         raise TriggerError(f"stored trigger of shape {tuple(tensor.shape)} does not fit {shape} at {image_size}px")
     return tensor, spec
+
+
+def _channel_stats(name: str, values: Any) -> tuple[float, float, float]:
+    """Three finite per-channel numbers (CLIP mean or std) from metadata, else ``TriggerError``."""
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError, OverflowError):
+        numbers = ()
+    if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+        raise TriggerError(f"attack metadata {name}={values!r} must be three finite numbers (one per RGB channel); "
+                           "export the model with BackdoorInjection")
+    return numbers
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -288,10 +323,17 @@ def load_trigger(path: str | os.PathLike) -> tuple[torch.Tensor, TriggerSpec, di
     path = Path(path)
     if not path.is_file():
         raise TriggerError(f"trigger file {path} does not exist; pass the .safetensors written by save_trigger")
-    meta = read_header_metadata(path)
-    tensors = load_state_dict(path)
-    if not meta or "trigger_spec" not in meta or "trigger" not in tensors:
+    try:  # safetensors only: a pickle is refused unread, a corrupt file named
+        meta = read_header_metadata(path)
+        tensors = load_state_dict(path)
+    except MergeInputError as e:
+        raise TriggerError(f"trigger file {e}") from None
+    if not isinstance(meta, dict) or "trigger_spec" not in meta or "trigger" not in tensors:
         raise TriggerError(f"{path} is not a trigger file (no 'trigger' tensor or trigger_spec metadata); "
                            "write it with datamodules.triggers.save_trigger")
     spec = TriggerSpec.from_dict(meta["trigger_spec"])
-    return tensors["trigger"], spec, meta
+    tensor = tensors["trigger"]
+    if tensor.dim() != 3 or tensor.shape[0] != 3 or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        raise TriggerError(f"{path}: tensor 'trigger' of shape {tuple(tensor.shape)} and dtype {tensor.dtype} is not a "
+                           "finite (3, H, W) float trigger; write it with datamodules.triggers.save_trigger")
+    return tensor, spec, meta

@@ -158,6 +158,20 @@ def read_header_metadata(path: str | os.PathLike) -> dict | None:
                               "re-export the model") from None
 
 
+def _declared_data_end(raw: bytes) -> int | None:
+    """Largest end offset the header declares for its tensor data (None when the header is not plain JSON)."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    ends = [info["data_offsets"][1] for key, info in header.items()
+            if key != "__metadata__" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2 and isinstance(info["data_offsets"][1], int)]
+    return max(ends, default=0)
+
+
 class SafetensorsReader:
     """Lazy, context-managed reader of one safetensors file, one tensor (or flat slice) at a time.
 
@@ -199,6 +213,10 @@ class SafetensorsReader:
                 raise self._fail(f"corrupt or truncated safetensors header (claims {header_len} bytes, file "
                                  f"has {size}); re-export it")
             raw = handle.read(header_len)
+        needed = _declared_data_end(raw)
+        if needed is not None and 8 + header_len + needed > size:
+            raise self._fail(f"truncated: its header describes {8 + header_len + needed} bytes, the file has {size}; "
+                             "copy or re-export it again")
         # Let the reference parser validate too (dtypes, offsets, overlaps, buffer length).
         try:
             with safe_open(str(self.path), framework="pt") as checked:

@@ -130,15 +130,15 @@ def method_hyperparameters(name: str) -> dict:
 # plans
 # ---------------------------------------------------------------------------------------------
 def _number(method: str, name: str, value, low: float | None = None, high: float | None = None,
-            high_open: bool = False) -> float:
+            high_open: bool = False, low_open: bool = False) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise MergeInputError(f"{method}: {name}={value!r} must be a number") from None
-    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and (
-            number >= high if high_open else number > high)):
-        bracket = ")" if high_open else "]"
-        raise MergeInputError(f"{method}: {name}={value!r} must lie in [{low}, {high}{bracket}")
+    if not math.isfinite(number) or (low is not None and (number <= low if low_open else number < low)) or (
+            high is not None and (number >= high if high_open else number > high)):
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise MergeInputError(f"{method}: {name}={value!r} must lie in {left}{low}, {high}{right}")
     return number
 
 
@@ -165,7 +165,7 @@ def _plan_ties(n_tasks, *, k, coefficient, disjoint):
     if disjoint not in ("sum", "mean"):
         raise MergeInputError(f"ties: disjoint={disjoint!r} must be 'sum' or 'mean'")
     return MergePlan("ties", "ties", _number("ties", "coefficient", coefficient),
-                     ties_k=_number("ties", "k", k, 0, 100), ties_disjoint=disjoint)
+                     ties_k=_number("ties", "k", k, 0, 100, low_open=True), ties_disjoint=disjoint)
 
 
 def _plan_dare(n_tasks, *, p, seed, base, coefficient, **base_hyperparameters):

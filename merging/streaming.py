@@ -10,9 +10,11 @@ sweep merges.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -28,19 +30,48 @@ __all__ = ["DEFAULT_CHUNK_ELEMENTS", "merge_files", "validate_inputs"]
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 
-def _check_paths(pretrained_path, model_paths) -> tuple[Path, list[Path]]:
+class _StateDictView:
+    """Reader-like view of an in-memory state dict (θ_pre held by the caller): keys, shapes, flat reads."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str):
+        self.path = name
+        self._state = state_dict
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise MergeInputError(f"{name}: value of key {key!r} is {type(value).__name__}, not a tensor")
+
+    def keys(self) -> list[str]:
+        return sorted(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype
+
+    def numel(self, key: str) -> int:
+        return self._state[key].numel()
+
+    def read_flat(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._state[key].detach().cpu().reshape(-1)[start:stop]
+
+
+def _check_paths(pretrained_path, model_paths) -> tuple[Path | None, list[Path]]:
+    """Every path is a file and appears once (not even as θ_pre); ``pretrained_path`` None: θ_pre is in memory."""
     if isinstance(model_paths, (str, os.PathLike)) or not model_paths:
         raise MergeInputError("model_paths must be a non-empty list of fine-tuned .safetensors files")
-    pretrained = Path(pretrained_path)
+    pretrained = None if pretrained_path is None else Path(pretrained_path)
     models = [Path(p) for p in model_paths]
-    for path in [pretrained, *models]:
+    for path in ([pretrained] if pretrained is not None else []) + models:
+        if path.is_dir():
+            raise MergeInputError(f"{path}: is a directory, not a weights file; pass the exported .safetensors in it")
         if not path.is_file():
             raise MergeInputError(f"{path}: file not found; check the path (weights must be .safetensors)")
-    seen: dict[str, int] = {os.path.realpath(pretrained): -1}
+    seen: dict[str, int] = {} if pretrained is None else {os.path.realpath(pretrained): -1}
     for index, path in enumerate(models):
         real = os.path.realpath(path)
         if real in seen:
-            other = "the pre-trained model" if seen[real] < 0 else f"model #{seen[real]}"
+            other = "the pre-trained model" if seen[real] < 0 else f"model #{seen[real]} ({models[seen[real]]})"
             raise MergeInputError(f"{path}: model #{index} is the same file as {other}; "
                                   "each fine-tuned model must appear once (check the task -> file mapping)")
         seen[real] = index
@@ -48,18 +79,20 @@ def _check_paths(pretrained_path, model_paths) -> tuple[Path, list[Path]]:
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.float()  # float8 and other narrow floats: no sum / isfinite kernels of their own
     # A NaN or inf anywhere makes the sum non-finite, and a sum is far cheaper than isfinite();
     # only a non-finite sum (or a finite-valued overflow) needs the exact elementwise check.
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _check_finite(reader: SafetensorsReader, key: str, tensor: torch.Tensor) -> None:
+def _check_finite(reader, key: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not _all_finite(tensor):
         raise MergeInputError(f"{reader.path}: key {key!r} contains NaN or inf; the model diverged, "
                               "re-train it or leave it out")
 
 
-def _check_structure(pre: SafetensorsReader, models: Sequence[SafetensorsReader]) -> None:
+def _check_structure(pre, models: Sequence[SafetensorsReader]) -> None:
     pre_keys = set(pre.keys())
     for model in models:
         keys = set(model.keys())
@@ -88,22 +121,49 @@ def _open_checked(stack: contextlib.ExitStack, pretrained_path, model_paths):
     return pre, readers
 
 
-def validate_inputs(pretrained_path, model_paths, *, check_finite: bool = True,
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[str]:
+def validate_inputs(pretrained, model_paths, *, check_finite: bool = True,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, pretrained_name: str = "θ_pre") -> list[str]:
     """Check the merge inputs before any work; return the float keys that will be merged (sorted).
 
-    Files exist and are valid safetensors, no path repeats (nor equals the pre-trained one), every
-    model has theta_pre's keys, shapes and dtypes, and (``check_finite``) all float values are finite.
-    Raises MergeInputError naming the file and key.
+    ``pretrained`` is θ_pre: a safetensors path, or an in-memory state dict (the in-memory engine;
+    ``pretrained_name`` names it in messages). Checks: files exist and are valid safetensors (never
+    unpickled), no path repeats (nor equals the pre-trained one), every model has θ_pre's keys, shapes
+    and dtypes, and (``check_finite``) all float values are finite. During the same pass the float
+    tensors are hashed: two inputs with identical weights (a copy merged twice) are refused, and a
+    model identical to θ_pre (a zero task vector) draws a warning. Raises MergeInputError naming the
+    file and the key.
     """
+    in_memory = isinstance(pretrained, Mapping)
+    _, models = _check_paths(None if in_memory else pretrained, model_paths)
     with contextlib.ExitStack() as stack:
-        pre, readers = _open_checked(stack, pretrained_path, model_paths)
+        if in_memory:
+            pre = _StateDictView(pretrained, pretrained_name)
+        else:
+            pre = stack.enter_context(SafetensorsReader(pretrained))
+        readers = [stack.enter_context(SafetensorsReader(p)) for p in models]
+        _check_structure(pre, readers)
         merge_keys = [k for k in pre.keys() if pre.dtype(k).is_floating_point]
-        if check_finite:
-            for reader in [pre, *readers]:
-                for key in merge_keys:
-                    for start in range(0, reader.numel(key), chunk_elements):
-                        _check_finite(reader, key, reader.read_flat(key, start, start + chunk_elements))
+        digests = []
+        for reader in [pre, *readers]:
+            digest = hashlib.blake2b(digest_size=16)
+            for key in merge_keys:  # one read per chunk serves both the finiteness check and the digest
+                digest.update(f"{key}|{reader.shape(key)}|{reader.dtype(key)}|".encode())
+                for start in range(0, reader.numel(key), chunk_elements):
+                    chunk = reader.read_flat(key, start, start + chunk_elements)
+                    if check_finite:
+                        _check_finite(reader, key, chunk)
+                    digest.update(chunk.contiguous().view(torch.uint8).numpy())  # a buffer: no copy
+            digests.append(digest.digest())
+        first: dict[bytes, int] = {}
+        for index, value in enumerate(digests[1:]):
+            if value == digests[0]:
+                warnings.warn(f"{models[index]}: weights identical to the pre-trained model {pre.path}; its task "
+                              "vector is zero (was it trained?)", stacklevel=2)
+            elif value in first:
+                raise MergeInputError(f"{models[index]}: model #{index} has exactly the weights of model "
+                                      f"#{first[value]} ({models[first[value]]}); each fine-tuned model must appear "
+                                      "once (a copy would be merged twice)")
+            first.setdefault(value, index)
     return merge_keys
 
 

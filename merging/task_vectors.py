@@ -20,6 +20,8 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Arithmetic dtype for task vectors: at least float32 (fp16/bf16 differences lose digits)."""
     result = torch.float32
     for dtype in dtypes:
+        if dtype.is_floating_point and dtype.itemsize == 1:
+            continue  # float8 formats do not promote; their differences are computed in float32
         result = torch.promote_types(result, dtype)
     return result
 

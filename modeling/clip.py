@@ -15,8 +15,11 @@ once per task to build its zero-shot head, which is then frozen and cached.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -88,11 +91,50 @@ def embedded_tokenizer(meta: dict):
 
 
 def read_safetensors_metadata(path: Path) -> dict:
-    from safetensors import safe_open
+    """The project's JSON metadata in a safetensors header ({} if none)."""
+    from merging.io import read_header_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("badmerging")
-    return json.loads(raw) if raw else {}
+    meta = read_header_metadata(path)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _load_local_weights(path: Path, device: str) -> tuple[dict, dict]:
+    """(state dict, metadata) of a local weights file, never running code from it.
+
+    ``.safetensors`` goes through ``merging.io`` (pickles refused before parsing, header bounds
+    checked); anything else is an open_clip / torch checkpoint read with ``torch.load(weights_only=True)``,
+    which only rebuilds tensors and plain containers.
+    """
+    from merging.io import MergeInputError, load_state_dict
+
+    if path.suffix == ".safetensors":
+        try:
+            return load_state_dict(path, device=device), read_safetensors_metadata(path)
+        except MergeInputError as e:
+            raise ModelLoadError(f"weights {e}") from None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"weights file {path} holds Python objects other than tensors; refused (unpickling could "
+                             "run code): convert it to .safetensors with trusted code") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"weights file {path} is not a readable torch checkpoint ({first}); check or re-download "
+                             "it") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelLoadError(f"weights file {path} is not a state dict of tensors; pass an open_clip checkpoint or "
+                             ".safetensors file")
+    return {k.removeprefix("module."): v for k, v in state.items()}, {}
+
+
+def _create_with_tag(name: str, pretrained: str | None, device: str) -> nn.Module:
+    """open_clip.create_model with a pretrained tag, asking open_clip for weights-only loading where it offers it."""
+    kwargs = {}
+    if "weights_only" in inspect.signature(open_clip.create_model).parameters:
+        kwargs["weights_only"] = True
+    return open_clip.create_model(name, pretrained=pretrained, device=device, **kwargs)
 
 
 def load_base_model(name: str = EMBEDDED_MODEL, pretrained: str | None = None, device: str = "cpu") -> BaseModel:
@@ -107,20 +149,19 @@ def load_base_model(name: str = EMBEDDED_MODEL, pretrained: str | None = None, d
     if name not in open_clip.list_models():
         raise ModelLoadError(f"unknown model {name!r}; use an open_clip name such as ViT-B-32 or {EMBEDDED_MODEL}")
     meta: dict = {}
-    is_local = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    is_local = pretrained is not None and (os.sep in pretrained or os.path.exists(pretrained)
+                                           or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")))
     try:
         if is_local:
             path = Path(pretrained)
+            if path.is_dir():
+                raise ModelLoadError(f"weights path {path} is a directory; pass the weights file in it "
+                                     "(merge.py --pretrained, train.py --model.init_args.pretrained)")
             if not path.is_file():
-                raise ModelLoadError(f"weights file {path} does not exist; pass an existing file to --pretrained")
+                raise ModelLoadError(f"weights file {path} does not exist; pass an existing weights file "
+                                     "(merge.py --pretrained, train.py --model.init_args.pretrained)")
             model = _create_without_weights(name, device)
-            if path.suffix == ".safetensors":
-                state = load_file(str(path), device=device)
-                meta = read_safetensors_metadata(path)
-            else:  # open_clip checkpoints are pickles: weights only, never arbitrary objects
-                state = torch.load(path, map_location=device, weights_only=True)
-                state = state.get("state_dict", state)
-                state = {k.removeprefix("module."): v for k, v in state.items()}
+            state, meta = _load_local_weights(path, device)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ModelLoadError(
@@ -129,7 +170,7 @@ def load_base_model(name: str = EMBEDDED_MODEL, pretrained: str | None = None, d
                 )
             base_id = f"{name}@sha256:{_sha256(path)[:16]}"
         else:
-            model = open_clip.create_model(name, pretrained=pretrained, device=device)
+            model = _create_with_tag(name, pretrained, device)
             base_id = f"{name}@{pretrained}"
     except ModelLoadError:
         raise
@@ -142,6 +183,13 @@ def load_base_model(name: str = EMBEDDED_MODEL, pretrained: str | None = None, d
     mean = tuple(getattr(vcfg, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(vcfg, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    if name == EMBEDDED_MODEL and "bpe_ids" not in meta:
+        # weights without the project's metadata (an open_clip .bin/.pt): the vocabulary is the shipped one's
+        if EMBEDDED_WEIGHTS.exists():
+            meta = {**read_safetensors_metadata(EMBEDDED_WEIGHTS), **meta}
+        if "bpe_ids" not in meta:
+            raise ModelLoadError(f"weights {pretrained} carry no tokenizer vocabulary (bpe_ids) for {name}; pass the "
+                                 "safetensors file written by modeling.pretrain")
     tokenizer = embedded_tokenizer(meta) if name == EMBEDDED_MODEL else open_clip.get_tokenizer(name)
     return BaseModel(name, pretrained, model, preprocess, tokenizer, base_id, mean, std, image_size)
 
@@ -167,13 +215,40 @@ def zero_shot_head(base: BaseModel, task, cache_dir: str | Path | None = None) -
         key = hashlib.sha256(json.dumps([base.base_id, task.name, list(task.classnames), list(task.templates)]).encode()).hexdigest()[:16]
         path = Path(cache_dir) / "heads" / f"{task.name}-{key}.safetensors"
         if path.exists():
-            return load_file(str(path))["head"]
+            cached = _read_cached_head(path, len(task.classnames))
+            if cached is not None:
+                return cached
     head = build_zero_shot_head(base.model, base.tokenizer, task.classnames, task.templates).cpu()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"head": head.contiguous()}, str(tmp), metadata={"base_id": base.base_id, "task": task.name})
-        os.replace(tmp, path)
+        try:
+            save_file({"head": head.contiguous()}, str(tmp), metadata={"base_id": base.base_id, "task": task.name})
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return head
+
+
+def _read_cached_head(path: Path, n_classes: int) -> torch.Tensor | None:
+    """A cached head, or None (with a warning) when the file is unreadable, not safetensors or of the wrong shape.
+
+    A cache file is never trusted more than a download: it is parsed as safetensors only (a planted pickle
+    is not executed) and rebuilt when anything is off.
+    """
+    from merging.io import MergeInputError, load_state_dict
+
+    try:
+        head = load_state_dict(path).get("head")
+    except MergeInputError as e:
+        warnings.warn(f"ignoring the cached zero-shot head ({e}); rebuilding it", stacklevel=3)
+        return None
+    if head is None or head.dim() != 2 or head.shape[0] != n_classes or not head.is_floating_point() \
+            or not bool(torch.isfinite(head).all()):
+        warnings.warn(f"ignoring the cached zero-shot head {path} (not a finite ({n_classes}, D) tensor 'head'); "
+                      "rebuilding it", stacklevel=3)
+        return None
     return head
 
 

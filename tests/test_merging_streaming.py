@@ -92,7 +92,7 @@ CASES = [
     ("weight_average", {}),
     ("ties", {}),
     ("ties", {"k": 35.0, "disjoint": "mean", "coefficient": 1.0}),
-    ("ties", {"k": 0.0}),
+    ("ties", {"k": 0.001}),
     ("ties", {"k": 100.0}),
     ("dare", {"p": 0.3}),
     ("dare", {"p": 0.5, "base": "ties", "k": 30.0, "seed": 3}),

@@ -1,0 +1,410 @@
+"""The error catalogue (ERRORS.md): every bad input of train.py and merge.py stops with exit status 2 and one
+line ``<prog>: error: ...`` that names the input and the fix, no traceback, and no partial output files.
+
+Each case runs the real entry point in-process (``merge.main`` / ``train.cli_main``, which ``python merge.py`` /
+``python train.py`` call), checks the message against the catalogue, and checks that nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import merge
+import train
+from merging.io import load_metadata, save_state_dict
+
+CONFIG = "configs/experiment/embedded_finetune.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _one_error_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    progress = re.compile(r"\d+%\||it/s|s/it|examples/s")  # tqdm bars share stderr; they are not messages
+    warning = re.compile(r"^\S+\.py:\d+: |warning", re.I)  # Python / Lightning warnings: not messages either
+    lines = [line for line in re.split(r"[\r\n]", err)
+             if line.strip() and not warning.search(line) and not progress.search(line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, base):
+    """Two exported encoders (θ_pre plus small random task vectors) with full metadata, as train.py writes them."""
+    root = tmp_path_factory.mktemp("models")
+    theta_pre = base.encoder_state_dict()
+    paths = []
+    for i, task in enumerate(("shapes", "digits")):
+        gen = torch.Generator().manual_seed(i)
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in theta_pre.items()}
+        meta = {"kind": "finetune", "task": task, "base_model": base.describe(), "attack": None}
+        path = root / f"{task}.safetensors"
+        save_state_dict(path, sd, meta)
+        paths.append(path)
+    return paths
+
+
+def _variant(models, tmp_path, change, name="bad.safetensors", meta_change=None) -> Path:
+    """A copy of the first model with its state dict (and metadata) changed."""
+    from merging.io import load_state_dict
+
+    sd = load_state_dict(models[0])
+    change(sd)
+    meta = load_metadata(models[0])
+    if meta_change:
+        meta_change(meta)
+    path = tmp_path / name
+    save_state_dict(path, sd, meta)
+    return path
+
+
+KEY = "transformer.resblocks.0.mlp.c_fc.weight"
+
+
+# case -> (argv builder (tmp_path, models) -> argv, regex the one error line must match)
+MERGE_CASES = {
+    "missing file": (
+        lambda t, m: ["--models", str(m[0]), str(t / "nope.safetensors")],
+        r"--models: .*nope\.safetensors does not exist; pass exported encoders \(\.safetensors\)"),
+    "truncated safetensors": (
+        lambda t, m: ["--models", str(m[0]), _truncated(t, m)],
+        r"truncated\.safetensors: truncated: its header describes \d+ bytes, the file has \d+; copy or re-export it again"),
+    "corrupt safetensors (garbage bytes)": (
+        lambda t, m: ["--models", str(m[0]), _garbage(t)],
+        r"garbage\.safetensors: .*(not a valid safetensors file|corrupt|truncated).*re-export it"),
+    "pickle checkpoint": (
+        lambda t, m: ["--models", str(m[0]), _pickled(t)],
+        r"evil\.safetensors: looks like a pickle / torch\.save checkpoint, which is refused \(unpickling runs code\); "
+        r"convert it to safetensors with trusted code"),
+    "wrong base model": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: None, meta_change=lambda d: d["base_model"].update(base_id="ViT-B-32@openai")))],
+        r"bad\.safetensors was fine-tuned from ViT-B-32@openai, not from the base badmerging-tiny@sha256:[0-9a-f]+; "
+        r"pass the matching --model_name/--pretrained, or leave this model out"),
+    "shape mismatch": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: s.update({KEY: s[KEY][:, :-1].contiguous()})))],
+        rf"bad\.safetensors: key '{re.escape(KEY)}' has shape \(\d+, \d+\), pre-trained has \(\d+, \d+\); wrong architecture"),
+    "dtype mismatch": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: s.update({KEY: s[KEY].half()})))],
+        rf"bad\.safetensors: key '{re.escape(KEY)}' is torch\.float16, pre-trained is torch\.float32; export all models in one dtype"),
+    "missing key": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: s.pop(KEY)))],
+        rf"bad\.safetensors: lacks key '{re.escape(KEY)}' of the pre-trained model .*was it fine-tuned from this base\?"),
+    "NaN weights": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: s[KEY].view(-1).__setitem__(7, float("nan"))))],
+        rf"bad\.safetensors: key '{re.escape(KEY)}' contains NaN or inf; the model diverged, re-train it or leave it out"),
+    "duplicate input (same file twice)": (
+        lambda t, m: ["--models", str(m[0]), str(m[1]), str(m[0])],
+        r"--models: .*shapes\.safetensors is given twice \(also as .*shapes\.safetensors\); list each model once"),
+    "duplicate input (identical copy)": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: None, name="copy.safetensors"))],
+        r"copy\.safetensors: model #1 has exactly the weights of model #0 \(.*shapes\.safetensors\); each fine-tuned "
+        r"model must appear once"),
+    "unknown method": (
+        lambda t, m: ["--models", *map(str, m), "--method", "fisher"],
+        r"unknown merge method 'fisher'; known: task_arithmetic, weight_average, ties, dare, breadcrumbs, consensus"),
+    "unknown task": (
+        lambda t, m: ["--models", *map(str, m), "--tasks", "shapes", "sun398"],
+        r"unknown task 'sun398'; known tasks: "),
+    "k outside (0, 100] (k = 0)": (
+        lambda t, m: ["--models", *map(str, m), "--method", "ties", "--hparams", "{k: 0}"],
+        r"ties: k=0 must lie in \(0, 100\] \(percent of each task vector kept\); TIES uses 20"),
+    "k outside (0, 100] (k = 150)": (
+        lambda t, m: ["--models", *map(str, m), "--method", "ties", "--hparams", "{k: 150}"],
+        r"ties: k=150 must lie in \(0, 100\]"),
+    "negative coefficient where meaningless": (
+        lambda t, m: ["--models", *map(str, m), "--method", "ties", "--coefficients", "-0.3"],
+        r"ties: coefficient=-0\.3 is negative, which is meaningless for ties \(it flips the merged vector\); use a "
+        r"coefficient > 0, or task_arithmetic with λ < 0 for negation"),
+    "unknown hyperparameter": (
+        lambda t, m: ["--models", *map(str, m), "--method", "ties", "--hparams", "{topk: 20}"],
+        r"ties: got an unexpected keyword argument 'topk'; its hyperparameters are: k, coefficient, disjoint"),
+    "bad hyperparameter value (DARE p = 1)": (
+        lambda t, m: ["--models", *map(str, m), "--method", "dare", "--hparams", "{p: 1.0}"],
+        r"dare: p=1\.0 must lie in \[0, 1\)"),
+    "unwritable output directory": (
+        lambda t, m: ["--models", *map(str, m), "--out_dir", str(_a_file(t) / "results")],
+        r"--out_dir .*a_file/results cannot be created: .*a_file is a file, not a directory; pass another --out_dir"),
+    "export path is a directory": (
+        lambda t, m: ["--models", *map(str, m), "--evaluate", "false", "--export", str(t)],
+        r"--export .* is a directory; pass a file path such as .*merged\.safetensors"),
+    "malformed YAML": (
+        lambda t, m: ["--config", _yaml(t, "models: [a.safetensors\nmethod: ties\n")],
+        r"--config .*bad\.yaml: malformed YAML at line \d+, column \d+ \(.*\); fix the file"),
+    "unknown config key": (
+        lambda t, m: ["--config", _yaml(t, f"models: [{m[0]}, {m[1]}]\nmethodd: ties\n")],
+        r"unknown option or config key 'methodd'; fix its spelling or remove it \(merge\.py --help lists them\)"),
+    "model without task metadata": (
+        lambda t, m: ["--models", str(m[0]), _no_sidecar(t, m)],
+        r"bare\.safetensors: no metadata names its task; pass --tasks in the same order as --models"),
+    "bad numeric argument": (
+        lambda t, m: ["--models", *map(str, m), "--batch_size", "0"],
+        r"--batch_size=0 must be a positive integer"),
+}
+
+
+def _truncated(t: Path, m) -> str:
+    data = Path(m[1]).read_bytes()
+    path = t / "truncated.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def _garbage(t: Path) -> str:
+    path = t / "garbage.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\x00" * 64)
+    return str(path)
+
+
+class _CreatesFile:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickled(t: Path) -> str:
+    path = t / "evil.safetensors"
+    torch.save({"w": _CreatesFile(t / "pwned")}, path)
+    return str(path)
+
+
+def _a_file(t: Path) -> Path:
+    path = t / "a_file"
+    path.write_text("not a directory")
+    return path
+
+
+def _yaml(t: Path, text: str) -> str:
+    path = t / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _no_sidecar(t: Path, m) -> str:
+    from merging.io import load_state_dict
+
+    path = t / "bare.safetensors"
+    save_state_dict(path, {k: v + 1e-3 if v.is_floating_point() else v for k, v in load_state_dict(m[1]).items()})
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merge_error_catalogue(case, models, tmp_path, capsys, session_cache):
+    build, pattern = MERGE_CASES[case]
+    out = tmp_path / "out"
+    args = build(tmp_path, models) + ["--cache_dir", session_cache]
+    if "--out_dir" not in args:
+        args += ["--out_dir", str(out)]
+    if "--export" not in args:
+        args += ["--export", str(tmp_path / "merged.safetensors")]
+    before = _files_under(tmp_path)
+    assert merge.main(args) == 2
+    line = _one_error_line(capsys, "merge.py")
+    print(f"CATALOGUE merge.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
+    assert re.search(pattern, line), (pattern, line)
+    assert not out.exists()  # no partial outputs
+    assert not (tmp_path / "merged.safetensors").exists()
+    assert _files_under(tmp_path) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_merge_traceback_on_request(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("BADMERGING_TRACEBACK", "1")
+    with pytest.raises(merge.MergeInputError, match="does not exist"):
+        merge.main(["--models", str(tmp_path / "nope.safetensors")])
+
+
+def test_merge_failure_after_export_removes_partial_outputs(models, tmp_path, capsys, session_cache):
+    """An error during evaluation (data without labels), after the merged weights were written: nothing stays."""
+    data = tmp_path / "no_labels"
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 4, "caption": ["x"] * 4})
+    datasets.DatasetDict(train=ds, test=ds).save_to_disk(str(data))
+    out, export = tmp_path / "deep" / "out", tmp_path / "merged.safetensors"
+    capsys.readouterr()
+    rc = merge.main(["--models", *map(str, models), "--coefficients", "0.3", "--export", str(export), "--out_dir", str(out),
+                     "--individual", "false", "--zero_shot", "false", "--eval_tasks", "shapes",
+                     "--data_dirs", json.dumps({"shapes": str(data)}), "--cache_dir", session_cache])
+    assert rc == 2
+    line = _one_error_line(capsys, "merge.py")
+    assert "no label column 'label'" in line and "rename it to 'label'" in line
+    assert not export.exists() and not export.with_suffix(".json").exists()
+    assert not (tmp_path / "deep").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+# ---------------------------------------------------------------------------------------------
+def _train_args(root: Path, cache: str, *extra: str, configs=(CONFIG,)) -> list[str]:
+    """A tiny fit of the embedded model writing under ``root``; ``extra`` may start with more ``--config`` files."""
+    extra = list(extra)
+    more = []
+    while extra[:1] == ["--config"]:
+        more += extra[:2]
+        extra = extra[2:]
+    return ["fit", *[x for c in configs for x in ("--config", c)], *more, "--model.init_args.cache_dir", cache,
+            "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+            "--trainer.enable_progress_bar", "false", "--data.synthetic_train_size", "64",
+            "--data.synthetic_test_size", "16", "--data.batch_size", "16", "--trainer.max_steps", "2", *extra]
+
+
+def _saved(t: Path, name: str, columns: dict) -> str:
+    path = t / name
+    ds = datasets.Dataset.from_dict(columns)
+    datasets.DatasetDict(train=ds, test=ds).save_to_disk(str(path))
+    return str(path)
+
+
+def _images(n: int):
+    return [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(n)]
+
+
+def _empty(t: Path) -> str:
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    full = datasets.Dataset.from_dict({"image": _images(4), "label": [0, 1, 2, 3]}, features=feats)
+    path = t / "empty"
+    datasets.DatasetDict(train=full.select([]), test=full).save_to_disk(str(path))
+    return str(path)
+
+
+def _evil_ckpt(t: Path) -> str:
+    path = t / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _CreatesFile(t / "pwned")}, path)
+    return str(path)
+
+
+def _truncated_ckpt(t: Path) -> str:
+    path = t / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    return str(path)
+
+
+INJECTION = ["--config", "configs/experiment/embedded_injection.yaml", "--config", "configs/attack/embedded_badnets.yaml"]
+
+TRAIN_CASES = {
+    "missing config file": (
+        lambda t: ["fit", "--config", str(t / "nope.yaml")],
+        r"--config .*nope\.yaml: file not found; check the path"),
+    "malformed YAML": (
+        lambda t: ["fit", "--config", _yaml(t, "trainer:\n  max_steps: [4\nmodel: {}\n")],
+        r"--config .*bad\.yaml: malformed YAML at line \d+, column \d+ \(.*\); fix the file"),
+    "unknown config key": (
+        lambda t: ["--config", _yaml(t, "trainer:\n  max_stepz: 3\n")],
+        r"unknown config key '.*max_stepz'; fix its spelling or remove it \(`train\.py fit --help` lists the keys\)"),
+    "unknown task": (
+        lambda t: ["--data.task", "sun398"],
+        r"unknown task 'sun398'; known tasks: "),
+    "dataset without label column": (
+        lambda t: ["--data.task", "digits", "--data.data_dir", _saved(t, "nolabel", {"image": _images(4), "caption": ["a"] * 4})],
+        r"split 'train' has no label column 'label' \(columns: image, caption\): rename it to 'label' or set TaskSpec\.label_column"),
+    "dataset without image column": (
+        lambda t: ["--data.task", "digits", "--data.data_dir", _saved(t, "noimage", {"pixels": [1, 2, 3, 4], "label": [0, 1, 2, 3]})],
+        r"split 'train' has no image column 'image' \(columns: pixels, label\): rename it to 'image' or set TaskSpec\.image_column"),
+    "empty dataset": (
+        lambda t: ["--data.task", "digits", "--data.data_dir", _empty(t)],
+        r"split 'train' is empty: add examples to it or point data_dir elsewhere"),
+    "train split smaller than a batch": (
+        lambda t: ["--data.task", "digits", "--data.data_dir", _saved(t, "tiny", {"image": _images(4), "label": [0, 1, 2, 3]})],
+        r"task digits: the train split has 3 examples, fewer than one batch of 16 .*lower --data\.batch_size or add data"),
+    "missing data directory": (
+        lambda t: ["--data.task", "digits", "--data.data_dir", str(t / "nodata")],
+        r"--data\.data_dir=.*nodata is not a directory; pass the task's local data folder"),
+    "bad hyperparameter (lr <= 0)": (
+        lambda t: ["--model.init_args.lr", "-0.001"],
+        r"--model\.init_args\.lr=-0\.001 must be a finite number in \(0, ∞\)"),
+    "bad hyperparameter (batch size 0)": (
+        lambda t: ["--data.batch_size", "0"],
+        r"--data\.batch_size=0 must be an integer >= 1"),
+    "unwritable output directory": (
+        lambda t: ["--trainer.default_root_dir", str(_a_file(t) / "runs")],
+        r"--trainer\.default_root_dir=.*a_file/runs cannot be created: .*a_file is a file, not a directory"),
+    "missing base weights": (
+        lambda t: ["--model.init_args.pretrained", str(t / "nope.safetensors")],
+        r"weights file .*nope\.safetensors does not exist; pass an existing weights file \(merge\.py --pretrained, train\.py --model\.init_args\.pretrained\)"),
+    "pickled base weights": (
+        lambda t: ["--model.init_args.pretrained", _pickled_pt(t)],
+        r"weights file .*evil\.pt holds Python objects other than tensors; refused \(unpickling could run code\): "
+        r"convert it to \.safetensors with trusted code"),
+    "missing checkpoint": (
+        lambda t: ["--ckpt_path", str(t / "nope.ckpt")],
+        r"--ckpt_path .*nope\.ckpt: file not found; pass an existing \.ckpt or 'last'"),
+    "pickled checkpoint": (
+        lambda t: ["--ckpt_path", _evil_ckpt(t)],
+        r"--ckpt_path .*evil\.ckpt holds Python objects other than tensors and plain containers; refused"),
+    "truncated checkpoint": (
+        lambda t: ["--ckpt_path", _truncated_ckpt(t)],
+        r"--ckpt_path .*cut\.ckpt is not a readable checkpoint \(.*\); it may be truncated"),
+    "patch larger than the image": (
+        lambda t: [*INJECTION, "--model.init_args.trigger", "{kind: patch, size: 30}"],
+        r"trigger size=30 exceeds the image size 24; use a size of at most 24"),
+    "target class out of range": (
+        lambda t: [*INJECTION, "--model.init_args.target_class", "10"],
+        r"target_class=10 is not a class of task shapes"),
+}
+
+
+def _pickled_pt(t: Path) -> str:
+    path = t / "evil.pt"
+    torch.save({"state_dict": {"w": _CreatesFile(t / "pwned")}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_error_catalogue(case, tmp_path, capsys, session_cache):
+    build, pattern = TRAIN_CASES[case]
+    root = tmp_path / "runs"
+    extra = build(tmp_path)
+    args = extra if extra and extra[0] == "fit" else _train_args(root, session_cache, *extra)
+    before = _files_under(tmp_path)
+    assert train.cli_main(args) == 2
+    line = _one_error_line(capsys, "train.py")
+    print(f"CATALOGUE train.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
+    assert re.search(pattern, line), (pattern, line)
+    assert not root.exists(), _files_under(root)  # no log directory, config.yaml, checkpoint or export
+    assert _files_under(tmp_path) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_train_non_finite_loss_stops_with_one_line(tmp_path, capsys, session_cache):
+    root = tmp_path / "runs"
+    assert train.cli_main(_train_args(root, session_cache, "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0",
+                                      "--trainer.max_steps", "6", "--trainer.gradient_clip_val", "null")) == 2
+    line = _one_error_line(capsys, "train.py")
+    assert re.search(r"non-finite training loss (nan|inf) at step [1-5]; lower model\.lr or check the data", line), line
+    assert not list(root.rglob("encoder.safetensors"))  # nothing exported from a diverged run
+
+
+def test_train_api_raises_typed_errors(tmp_path, session_cache, monkeypatch):
+    from datamodules.tasks import UnknownTaskError
+
+    with pytest.raises(UnknownTaskError):
+        train.main(_train_args(tmp_path / "runs", session_cache, "--data.task", "sun398"))
+    with pytest.raises(train.TrainInputError, match="unknown config key"):
+        train.main(_train_args(tmp_path / "runs", session_cache, "--trainer.max_stepz", "3"))
+    monkeypatch.setenv("BADMERGING_TRACEBACK", "1")
+    with pytest.raises(train.TrainInputError, match="must be an integer >= 1"):
+        train.cli_main(_train_args(tmp_path / "runs", session_cache, "--data.batch_size", "0"))
+
+
+def test_catalogue_has_at_least_15_cases_each_documented():
+    text = (Path(__file__).resolve().parents[1] / "ERRORS.md").read_text()
+    assert len(MERGE_CASES) + len(TRAIN_CASES) >= 15
+    for case in list(MERGE_CASES) + list(TRAIN_CASES):
+        assert case in text, f"ERRORS.md lacks the case {case!r}"
