@@ -14,8 +14,18 @@ markdown table on stdout. Row contract: ``merge``, ``coefficient``, ``attack``, 
 Backdoors: every input whose metadata carries an ``attack`` (``BackdoorInjection`` exports) is
 measured on every merge with its own trigger, on its target task; ``--probe_models`` adds backdoored
 models whose triggers are measured but which are *not* merged (a trigger's ASR on θ_pre and on the
-all-clean merge, the "inherent" baseline). Each evaluated model gives one row with ``attack: "none"``
+all-clean merge); ``--probe_triggers`` adds stage-1 trigger files optimised on θ_pre alone (inherent
+triggers, attack name ``inherent``). Each evaluated model gives one row with ``attack: "none"``
 (clean accuracy) and one row per trigger measured, whose ``attack`` is the spec plus ``in_merge``.
+
+Defense: ``--defense ibvs --ibvs_clean c.safetensors --ibvs_backdoored b.safetensors --ibvs_alphas 0.5 1 2``
+(DESIGN §10) also evaluates θ_merged − α·BV_inj, BV_inj = θ_b − θ_c of the defender's own pair, for every
+merge and α; those rows have ``defense: "ibvs"``, ``defense_alpha`` and ``defense_selected`` (the largest α
+whose mean val accuracy stays within ``--ibvs_max_drop`` of the undefended merge: clean data only).
+
+    python merge.py --models shapes_bd.safetensors digits.safetensors ... --coefficients 0.3 \
+        --defense ibvs --ibvs_clean outputs/default/models/ibvs_clean.safetensors \
+        --ibvs_backdoored outputs/default/models/ibvs_backdoored.safetensors --ibvs_alphas 0.5 1 1.5 2
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from tqdm.auto import tqdm
 
+from merging.backdoor_vectors import ibvs_defend
 from merging.io import MergeInputError, load_metadata, load_state_dict, metadata_path, read_header_metadata, save_state_dict
 from merging.methods import build_plan, get_merge_method, method_hyperparameters
 from merging.streaming import merge_files, validate_inputs
@@ -50,6 +61,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--models", type=str, nargs="+", default=[], help="exported encoders (safetensors) to merge")
     p.add_argument("--probe_models", type=str, nargs="+", default=[],
                    help="backdoored exports whose triggers are measured on every row but which are not merged")
+    p.add_argument("--probe_triggers", type=str, nargs="+", default=[],
+                   help="stage-1 trigger files (optimised on θ_pre alone: inherent triggers) measured on every row")
+    p.add_argument("--defense", type=str, default="none", help="none | ibvs (subtract α·BV_inj of the defender's own pair)")
+    p.add_argument("--ibvs_clean", type=str | None, default=None, help="IBVS: the defender's clean fine-tune")
+    p.add_argument("--ibvs_backdoored", type=str | None, default=None,
+                   help="IBVS: the defender's self-backdoored fine-tune (same recipe and seed as --ibvs_clean)")
+    p.add_argument("--ibvs_alphas", type=float, nargs="+", default=[1.0], help="IBVS: α values evaluated on every merge")
+    p.add_argument("--ibvs_select", type=str | None, default="val",
+                   help="'val': mark the largest α whose mean val clean accuracy drops ≤ --ibvs_max_drop (no attacker data); null: none")
+    p.add_argument("--ibvs_max_drop", type=float, default=0.02, help="IBVS selection: allowed val accuracy drop (fraction)")
     p.add_argument("--tasks", type=str, nargs="+", default=None, help="task of each model (default: from metadata)")
     p.add_argument("--eval_tasks", type=str, nargs="+", default=None, help="tasks to evaluate (default: the models' tasks)")
     p.add_argument("--method", type=str, default="task_arithmetic", help="task_arithmetic, weight_average, ties, dare, breadcrumbs, consensus, regmean, adamerging")
@@ -57,7 +78,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hparams", type=dict, default={}, help="other hyperparameters of the method, e.g. {k: 20}")
     p.add_argument("--select_on", type=str | None, default=None, help="'val': pick the coefficient with the best mean normalised accuracy on the val split")
     p.add_argument("--plan", type=list[dict] | None, default=None,
-                   help="several methods in one table: a list of {name, method, coefficients, hparams, select_on, measure_attacks} (see configs/merge/)")
+                   help="several methods in one table: a list of {name, method, coefficients, hparams, select_on, measure_attacks, defend} (see configs/merge/)")
     p.add_argument("--engine", type=str, default="auto", help="auto | memory | streaming (tensor by tensor from the files; auto above 1 GiB)")
     p.add_argument("--merge_threads", type=int | None, default=None, help="torch threads for the streaming engine (1 is fastest on busy machines)")
     p.add_argument("--val_max_examples", type=int | None, default=500, help="val examples per task for coefficient selection")
@@ -238,6 +259,10 @@ def validate_config(cfg) -> None:
             seen[real] = path
     if cfg.tasks is not None and len(cfg.tasks) != len(cfg.models):
         raise MergeInputError(f"--tasks has {len(cfg.tasks)} entries for {len(cfg.models)} --models; give one task per model")
+    for path in cfg.probe_triggers or []:
+        if not Path(path).is_file():
+            raise MergeInputError(f"--probe_triggers: {path} does not exist; pass a stage-1 trigger file (.safetensors)")
+    validate_defense(cfg)
     for task in list(cfg.tasks or []) + list(cfg.eval_tasks or []) + list((cfg.data_dirs or {}).keys()):
         get_task(task)  # UnknownTaskError lists the known tasks
     for task, folder in (cfg.data_dirs or {}).items():
@@ -260,6 +285,63 @@ def validate_config(cfg) -> None:
         _check_output_location(cfg.out_dir, "--out_dir", is_dir=True)
 
 
+DEFENSES = ("none", "ibvs")
+
+
+def validate_defense(cfg) -> None:
+    """--defense and its inputs: IBVS needs the defender's clean and self-backdoored fine-tunes and finite α ≥ 0."""
+    if cfg.defense not in DEFENSES:
+        raise MergeInputError(f"--defense={cfg.defense!r} is unknown; use one of {', '.join(DEFENSES)}")
+    if cfg.defense != "ibvs":
+        return
+    for flag in ("ibvs_clean", "ibvs_backdoored"):
+        path = getattr(cfg, flag)
+        if not path:
+            raise MergeInputError(f"--defense ibvs needs --{flag}: the defender's own "
+                                  f"{'clean' if flag == 'ibvs_clean' else 'self-backdoored'} fine-tune (bv.py / pipeline.py train it)")
+        if not Path(path).is_file():
+            raise MergeInputError(f"--{flag}: {path} does not exist; pass an exported encoder (.safetensors)")
+    if not cfg.ibvs_alphas:
+        raise MergeInputError("--ibvs_alphas is empty; pass at least one α, e.g. --ibvs_alphas 0.5 1 2")
+    for a in cfg.ibvs_alphas:
+        if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
+            raise MergeInputError(f"--ibvs_alphas: α={a!r} must be a finite number ≥ 0 (0 = no defense)")
+    if cfg.ibvs_select not in (None, "val"):
+        raise MergeInputError(f"--ibvs_select must be 'val' or null, got {cfg.ibvs_select!r}")
+    if not (math.isfinite(cfg.ibvs_max_drop) and 0 <= cfg.ibvs_max_drop <= 1):
+        raise MergeInputError(f"--ibvs_max_drop={cfg.ibvs_max_drop!r} must be a fraction in [0, 1], e.g. 0.02")
+
+
+def ibvs_vector(cfg, base) -> dict:
+    """BV_inj = θ_defender_bd − θ_defender_clean, both checked against the base model."""
+    from merging.backdoor_vectors import backdoor_vector
+
+    for path in (cfg.ibvs_clean, cfg.ibvs_backdoored):
+        meta = model_metadata(path)
+        check_base(path, meta, base.base_id)
+    validate_inputs(base.encoder_state_dict(), [cfg.ibvs_clean, cfg.ibvs_backdoored], pretrained_name=f"θ_pre ({base.base_id})")
+    return backdoor_vector(load_state_dict(cfg.ibvs_backdoored), load_state_dict(cfg.ibvs_clean))
+
+
+def trigger_probes(cfg, base) -> list:
+    """AttackProbes of ``--probe_triggers``: stage-1 trigger files aimed at their task's target class."""
+    from datamodules.triggers import load_trigger
+    from evaluation.evaluate import AttackProbe
+
+    probes = []
+    for label, path in zip(_unique_labels(cfg.probe_triggers), cfg.probe_triggers):
+        tensor, spec, meta = load_trigger(path)
+        spec.check(base.image_size)
+        try:
+            task, target = meta["task"], int(meta["target_class"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeInputError(f"--probe_triggers: {path} names no task/target_class; pass a stage-1 trigger file") from None
+        attack = {"name": "inherent", "trigger": spec.to_dict(), "target_task": task, "target_task_class": target,
+                  "target_name": meta.get("target_name"), "trigger_path": str(path), "mode": meta.get("mode")}
+        probes.append(AttackProbe(f"inherent:{label}", tensor, spec, task, target, attack))
+    return probes
+
+
 def attack_label(attack) -> str:
     """'none', or the trigger's label with '(not merged)' when its model is not in the merge."""
     if isinstance(attack, str):
@@ -277,7 +359,9 @@ def rows_table(rows: list[dict], tasks: list[str]) -> str:
         norm = "" if r["normalized_acc"] is None else f"{100 * r['normalized_acc']:.1f}"
         attack = attack_label(r["attack"])
         bd = ["" if r.get(k) is None else f"{100 * r[k]:.1f}" for k in ("asr", "ra", "clean_to_target")]
-        lines.append(f"| {r['merge']} | {coef} | {attack} | {r['defense']} | " + " | ".join(accs)
+        defense = r["defense"] if r.get("defense_alpha") is None else f"{r['defense']} α={r['defense_alpha']:g}" + (
+            " (selected)" if r.get("defense_selected") else "")
+        lines.append(f"| {r['merge']} | {coef} | {attack} | {defense} | " + " | ".join(accs)
                      + f" | {100 * r['mean_clean_acc']:.1f} | {norm} | " + " | ".join(bd) + " |")
     return "\n".join(lines)
 
@@ -289,13 +373,14 @@ def write_results(out_dir: Path, config: dict, rows: list[dict], tasks: list[str
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["merge", "coefficient", "attack", "in_merge", "defense", "mean_clean_acc", "normalized_acc",
-                "asr", "ra", "clean_to_target", "asr_hits", "asr_total"] + [f"acc_{t}" for t in tasks] + ["scenario"])
+                "asr", "ra", "clean_to_target", "asr_hits", "asr_total"] + [f"acc_{t}" for t in tasks]
+               + ["scenario", "defense_alpha", "defense_selected"])
     for r in rows:
         in_merge = None if isinstance(r["attack"], str) else r["attack"].get("in_merge")
         w.writerow([r["merge"], r["coefficient"], attack_label(r["attack"]).replace(" (not merged)", ""),
                     in_merge, r["defense"], r["mean_clean_acc"], r["normalized_acc"], r["asr"], r.get("ra"),
                     r.get("clean_to_target"), r.get("asr_hits"), r.get("asr_total")] + [r["clean_acc"].get(t) for t in tasks]
-                   + [r.get("scenario")])
+                   + [r.get("scenario"), r.get("defense_alpha"), r.get("defense_selected")])
     for name, text in (("results.json", json.dumps(payload, indent=2, default=str)), ("results.csv", buf.getvalue())):
         tmp = out_dir / f".{name}.tmp{os.getpid()}"
         tmp.write_text(text)
@@ -438,7 +523,7 @@ def attack_probes(cfg, merger: "Merger", base) -> tuple[list, list]:
             raise MergeInputError(f"--probe_models: {path} has no attack metadata; pass a BackdoorInjection export")
         check_base(path, meta, base.base_id)
         outside.append(probe(path, meta, labels[i]))
-    return inside, outside
+    return inside, outside + trigger_probes(cfg, base)
 
 
 def _unique_labels(paths: list[str]) -> list[str]:
@@ -511,6 +596,24 @@ def run(cfg) -> Path | None:
     def rows_for(row: dict, attacks: dict, measured: list) -> list[dict]:
         return [row] + attack_rows(row, attacks, measured, in_merge)
 
+    bv_inj = ibvs_vector(cfg, base) if cfg.defense == "ibvs" else None
+    ibvs_selection: list[dict] = []
+
+    def select_alpha(merged: dict, defended: dict) -> float:
+        """The largest α whose mean val clean accuracy is within ibvs_max_drop of the undefended merge's
+        (clean val data only: nothing of the attacker); the smallest α when none is."""
+        def mean_val(state):
+            accs = evaluate(state, "val")[0]
+            return sum(accs.values()) / len(accs)
+
+        reference = mean_val(merged)
+        scores = {a: mean_val(s) for a, s in defended.items()}
+        ok = [a for a, v in scores.items() if v >= reference - cfg.ibvs_max_drop]
+        chosen = max(ok) if ok else min(scores)
+        ibvs_selection.append({"split": "val", "rule": f"largest α with mean val accuracy ≥ undefended − {cfg.ibvs_max_drop}",
+                               "undefended": reference, "scores": scores, "chosen": chosen})
+        return chosen
+
     rows: list[dict] = []
     if cfg.evaluate and cfg.individual:
         rows.append({**make_row("individual", None, individual_on("test"), None), "normalized_acc": 1.0})
@@ -547,10 +650,18 @@ def run(cfg) -> Path | None:
             coefs = [chosen]
         for c in tqdm(coefs, desc=name, leave=False):
             merged = merger.merge(method, hp_at(c))
+            defended, chosen = {}, None
+            if bv_inj is not None and e.get("defend", True):
+                defended = {a: ibvs_defend(merged, bv_inj, a) for a in cfg.ibvs_alphas}
+                if cfg.ibvs_select == "val" and cfg.evaluate:
+                    chosen = select_alpha(merged, defended)
             if cfg.export:
                 meta = {"kind": "merge", "method": method, "hyperparameters": hp_at(c), "models": [str(p) for p in cfg.models],
                         "tasks": tasks, "base_model": base.describe(), "code_version": code_version()}
-                save_state_dict(cfg.export, merged, meta)
+                export_alpha = chosen if chosen is not None else (cfg.ibvs_alphas[0] if defended else None)
+                if export_alpha is not None:
+                    meta["defense"] = {"name": "ibvs", "alpha": export_alpha, "clean": cfg.ibvs_clean, "backdoored": cfg.ibvs_backdoored}
+                save_state_dict(cfg.export, defended[export_alpha] if export_alpha is not None else merged, meta)
             if cfg.evaluate:
                 measured = probes if e.get("measure_attacks", True) else []
                 accs, attacks = evaluate(merged, "test", measured)
@@ -562,6 +673,13 @@ def run(cfg) -> Path | None:
                 if selection:
                     row["selection"] = selection
                 rows += rows_for(row, attacks, measured)
+                for a, state in defended.items():
+                    accs, attacks = evaluate(state, "test", measured)
+                    drow = {**make_row(name, c, accs, individual.get("test")), "method": method, "hyperparameters": hp_at(c),
+                            "defense": "ibvs", "defense_alpha": a, "defense_selected": a == chosen}
+                    if chosen is not None:
+                        drow["defense_selection"] = ibvs_selection[-1]
+                    rows += rows_for(drow, attacks, measured)
 
     if not cfg.evaluate:
         return None

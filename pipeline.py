@@ -47,6 +47,7 @@ METHODS_CONFIG = "configs/merge/embedded_methods.yaml"
 ATTACKER_TASK = "shapes"
 TRIGGER_CONFIGS = {"ontask": "configs/experiment/embedded_trigger_ontask.yaml",
                    "offtask": "configs/experiment/embedded_trigger_offtask.yaml"}
+TRIGGER_VICTIMS = {"ontask": ATTACKER_TASK, "offtask": "colours"}  # the task each stage-1 trigger is trained on
 # attack -> (its config, the stage-1 trigger it injects or None)
 ATTACKS = {
     "badnets": ("configs/attack/embedded_badnets.yaml", None),
@@ -54,6 +55,22 @@ ATTACKS = {
     "badmerging_ontask": ("configs/attack/embedded_badmerging_ontask.yaml", "ontask"),
     "badmerging_offtask": ("configs/attack/embedded_badmerging_offtask.yaml", "offtask"),
 }
+# Sparse Backdoor Vectors (DESIGN §10): the BVs of BadMerging on-task and UT only (two attack types, the
+# attacks above) plus BadMerging on-task at each of SBV_SEEDS (data seeds), all against one clean
+# reference of the injection recipe; summed, sparsified or sign-filtered, and injected (λ = scale).
+# Ours for the embedded scale (bv.py sbv measures other settings): with SBV_SEEDS = [1] the sum is
+# stronger still but costs the merge ~1-2.5 points of clean accuracy (README, Backdoor Vectors).
+BV_CLEAN_CONFIG = "configs/bv/embedded_clean_reference.yaml"
+SBV_SEEDS: list[int] = []
+SBV_ATTACKS = {
+    "sbv": {"combine": "sum", "k": 30.0, "sign_consistent": False, "scale": 1.0},
+    "sbv_sc": {"combine": "sum", "k": 100.0, "sign_consistent": True, "scale": 1.0},
+}
+# IBVS: the defender's own clean / self-backdoored pair on DEFENDER_TASK (its own patch and target).
+IBVS_CONFIG = "configs/defense/embedded_ibvs_backdoored.yaml"
+DEFENDER_TASK = "shapes"
+IBVS_ALPHAS = [0.25, 0.5, 0.75, 1.0]
+IBVS_COEFFICIENTS = [0.1, 0.2, 0.3]  # TA coefficients merged with IBVS as well (TIES always)
 TIES = {"name": "ties_sum", "method": "ties", "coefficients": [DEFAULT_COEFFICIENT], "hparams": {"k": 20.0, "disjoint": "sum"}}
 QUICK_TRAIN = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--data.synthetic_train_size", "600",
                "--data.synthetic_test_size", "100", "--data.batch_size", "32"]
@@ -167,35 +184,63 @@ class Jobs:
             self.pool.shutdown(cancel_futures=True)
 
 
+def _is_trigger(r: dict, label: str | None = None) -> bool:
+    return not isinstance(r["attack"], str) and (label is None or r["attack"]["label"] == label)
+
+
 def write_summary(out_dir: Path, rows: list[dict], tasks: list[str], coefficients: list[float]) -> str:
-    """summary.md: per attack and TA coefficient, mean CA (attack merge vs all-clean merge), ASR, clean→target."""
-    clean = {r["coefficient"]: r for r in rows if r["scenario"] == "clean" and r["merge"] == "task_arithmetic"
+    """summary.md: per attack and merge, mean CA (vs the all-clean merge), ASR, clean→target, the same trigger on
+    θ_pre and on the all-clean merge, and the inherent (stage-1) trigger on this merge; then IBVS before/after."""
+    plain = [r for r in rows if r.get("defense", "none") == "none"]
+    clean = {r["coefficient"]: r for r in plain if r["scenario"] == "clean" and r["merge"] == "task_arithmetic"
              and r["attack"] == "none"}
-    lines = ["| attack | merge | λ | mean CA | all-clean CA | ΔCA | ASR | clean→target | ASR on θ_pre | ASR on all-clean merge |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | merge | λ | mean CA | all-clean CA | ΔCA | ASR | clean→target | ASR on θ_pre | "
+             "ASR on all-clean merge | inherent trigger ASR |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(v):
         return "" if v is None else f"{100 * v:.1f}"
 
-    for scenario in dict.fromkeys(r["scenario"] for r in rows if r["scenario"] != "clean"):
-        for r in rows:
-            if r["scenario"] != scenario or isinstance(r["attack"], str) or not r["attack"].get("in_merge"):
+    def same_merge(x, r):
+        return x["merge"] == r["merge"] and x["coefficient"] == r["coefficient"]
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows if r["scenario"] != "clean"))
+    for scenario in scenarios:
+        for r in plain:
+            if r["scenario"] != scenario or not _is_trigger(r) or not r["attack"].get("in_merge"):
                 continue
             label = r["attack"]["label"]
             ref = clean.get(r["coefficient"]) if r["merge"] == "task_arithmetic" else None
-            probe_pre = next((x for x in rows if x["scenario"] == "clean" and x["merge"] == "zero-shot"
-                              and not isinstance(x["attack"], str) and x["attack"]["label"] == label), None)
-            probe_clean = next((x for x in rows if x["scenario"] == "clean" and x["merge"] == r["merge"]
-                                and x["coefficient"] == r["coefficient"] and not isinstance(x["attack"], str)
-                                and x["attack"]["label"] == label), None)
+            probe_pre = next((x for x in plain if x["scenario"] == "clean" and x["merge"] == "zero-shot" and _is_trigger(x, label)), None)
+            probe_clean = next((x for x in plain if x["scenario"] == "clean" and same_merge(x, r) and _is_trigger(x, label)), None)
+            inherent = next((x for x in plain if x["scenario"] == scenario and same_merge(x, r) and _is_trigger(x)
+                             and x["attack"].get("name") == "inherent"
+                             and x["attack"].get("target_task") == r["attack"].get("target_task")), None)
             delta = None if ref is None else r["mean_clean_acc"] - ref["mean_clean_acc"]
             coef = "" if r["coefficient"] is None else f"{r['coefficient']:g}"
             lines.append(f"| {scenario} | {r['merge']} | {coef} | {pct(r['mean_clean_acc'])} | "
                          f"{pct(ref['mean_clean_acc']) if ref else ''} | {'' if delta is None else f'{100 * delta:+.1f}'} | "
                          f"{pct(r['asr'])} | {pct(r['clean_to_target'])} | "
-                         f"{pct(probe_pre['asr']) if probe_pre else ''} | {pct(probe_clean['asr']) if probe_clean else ''} |")
+                         f"{pct(probe_pre['asr']) if probe_pre else ''} | {pct(probe_clean['asr']) if probe_clean else ''} | "
+                         f"{pct(inherent['asr']) if inherent else ''} |")
+    selected = [r for r in rows if r.get("defense") == "ibvs" and r.get("defense_selected") and _is_trigger(r)
+                and r["attack"].get("in_merge")]
+    if selected:
+        lines += ["", "IBVS (the defender's own pair; α chosen on clean val data only): ASR and mean CA before → after",
+                  "", "| attack | merge | λ | α | ASR before | ASR after | clean→target after | mean CA before | mean CA after | ΔCA |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in selected:
+            before = next((x for x in plain if x["scenario"] == r["scenario"] and same_merge(x, r)
+                           and _is_trigger(x, r["attack"]["label"])), None)
+            if before is None:
+                continue
+            coef = "" if r["coefficient"] is None else f"{r['coefficient']:g}"
+            lines.append(f"| {r['scenario']} | {r['merge']} | {coef} | {r['defense_alpha']:g} | {pct(before['asr'])} | "
+                         f"{pct(r['asr'])} | {pct(r['clean_to_target'])} | {pct(before['mean_clean_acc'])} | "
+                         f"{pct(r['mean_clean_acc'])} | {100 * (r['mean_clean_acc'] - before['mean_clean_acc']):+.1f} |")
     text = "\n".join(lines) + "\n"
-    (out_dir / "summary.md").write_text(text)
+    tmp = out_dir / f".summary.md.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / "summary.md")
     return text
 
 
@@ -209,13 +254,16 @@ def plot_and_log(out_dir: Path, rows: list[dict], coefficients: list[float]) -> 
 
     series = {}
     for r in rows:
-        if r["merge"] == "task_arithmetic" and not isinstance(r["attack"], str) and r["attack"].get("in_merge"):
+        if (r["merge"] == "task_arithmetic" and not isinstance(r["attack"], str) and r["attack"].get("in_merge")
+                and r.get("defense", "none") == "none"):
             series.setdefault(r["attack"]["label"], []).append((r["coefficient"], r["asr"], r["mean_clean_acc"]))
-    clean = sorted((r["coefficient"], r["mean_clean_acc"]) for r in rows
-                   if r["scenario"] == "clean" and r["merge"] == "task_arithmetic" and r["attack"] == "none")
+    clean = sorted((r["coefficient"], r["mean_clean_acc"]) for r in rows if r["scenario"] == "clean"
+                   and r["merge"] == "task_arithmetic" and r["attack"] == "none" and r.get("defense", "none") == "none")
     if not series:
         return None
     fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(10, 4))
+    for old in (out_dir / "tensorboard").glob("events.out.tfevents.*"):
+        old.unlink()  # a rerun replaces the curves instead of adding a second point at every step
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     for label, pts in series.items():
         pts.sort()
@@ -224,6 +272,12 @@ def plot_and_log(out_dir: Path, rows: list[dict], coefficients: list[float]) -> 
         for c, asr, ca in pts:
             writer.add_scalar(f"merge/task_arithmetic/{label}/asr", asr, round(100 * c))
             writer.add_scalar(f"merge/task_arithmetic/{label}/mean_acc", ca, round(100 * c))
+    for r in rows:  # IBVS at its selected α: the defended ASR / CA beside the undefended curves
+        if (r["merge"] == "task_arithmetic" and r.get("defense") == "ibvs" and r.get("defense_selected")
+                and not isinstance(r["attack"], str) and r["attack"].get("in_merge")):
+            step = round(100 * r["coefficient"])
+            writer.add_scalar(f"merge/task_arithmetic/{r['attack']['label']}/asr_ibvs", r["asr"], step)
+            writer.add_scalar(f"merge/task_arithmetic/{r['attack']['label']}/mean_acc_ibvs", r["mean_clean_acc"], step)
     if clean:
         ax_ca.plot([c for c, _ in clean], [100 * a for _, a in clean], "k--", label="all clean")
         for c, a in clean:
@@ -254,12 +308,17 @@ def main(argv=None) -> int:
                    help="worker processes, one torch thread each (1: inline; on 2 cores two workers measured no faster)")
     p.add_argument("--methods", choices=["all", "ta"], default="all",
                    help=f"all: TA over λ plus every method of {METHODS_CONFIG}; ta: the TA curve only")
-    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), help=f"attacks to run ({', '.join(ATTACKS)}) or 'none'")
+    every = list(ATTACKS) + list(SBV_ATTACKS)
+    p.add_argument("--attacks", nargs="+", default=every, help=f"attacks to run ({', '.join(every)}) or 'none'")
+    p.add_argument("--defense", choices=["ibvs", "none"], default="ibvs",
+                   help=f"ibvs: every attack is also merged with IBVS (defender task {DEFENDER_TASK}, α {IBVS_ALPHAS})")
     a, extra = p.parse_known_args(argv)
     attacks = [] if a.attacks == ["none"] else a.attacks
-    unknown = [x for x in attacks if x not in ATTACKS]
+    unknown = [x for x in attacks if x not in every]
     if unknown:
-        p.error(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)} or 'none'")
+        p.error(f"unknown attack(s) {unknown}; choose from {', '.join(every)} or 'none'")
+    if a.defense == "ibvs" and DEFENDER_TASK not in a.tasks:
+        p.error(f"IBVS trains the defender's pair on {DEFENDER_TASK}: keep it in --tasks or pass --defense none")
     if attacks and ATTACKER_TASK not in a.tasks:
         p.error(f"the attacks fine-tune {ATTACKER_TASK}: keep it in --tasks or pass --attacks none")
     from modeling.clip import EMBEDDED_WEIGHTS
@@ -271,6 +330,8 @@ def main(argv=None) -> int:
 
         print(f"[pipeline] building the embedded base model -> {EMBEDDED_WEIGHTS}", flush=True)
         pretrain(EMBEDDED_WEIGHTS)
+    from bv import seed_args
+
     train_extra = list(extra) + (QUICK_TRAIN if a.quick else [])
     common = (str(out_dir), a.cache_dir)
     jobs = Jobs(a.jobs)
@@ -278,23 +339,37 @@ def main(argv=None) -> int:
         # -- training: clean fine-tunes, stage-1 triggers, then the injections that need them --------
         for task in a.tasks:
             jobs.submit(f"clean:{task}", train_job, "finetune", task, task, [FINETUNE_CONFIG], train_extra, *common)
-        needed = {ATTACKS[x][1] for x in attacks} - {None}
+        sbv_wanted = [x for x in attacks if x in SBV_ATTACKS]
+        injections = [x for x in ATTACKS if x in attacks or (sbv_wanted and x in ("badmerging_ontask", "ut_only"))]
+        defend = a.defense == "ibvs" and bool(attacks)
+        refs = sorted(({ATTACKER_TASK} if sbv_wanted else set()) | ({DEFENDER_TASK} if defend else set()))
+        for task in refs:  # clean references of the injection recipe (seed 0): SBV and IBVS pairs
+            jobs.submit(f"bvref:{task}", train_job, "finetune", f"bv_clean_{task}", task, [INJECTION_CONFIG, BV_CLEAN_CONFIG],
+                        train_extra, *common)
+        if defend:
+            jobs.submit("ibvs:backdoored", train_job, "finetune", f"ibvs_backdoored_{DEFENDER_TASK}", DEFENDER_TASK,
+                        [INJECTION_CONFIG, IBVS_CONFIG], train_extra, *common)
+        needed = {ATTACKS[x][1] for x in injections} - {None}
         for trig in sorted(needed):
             cfg = TRIGGER_CONFIGS[trig]
-            victim = "colours" if trig == "offtask" else ATTACKER_TASK
+            victim = TRIGGER_VICTIMS[trig]
             quick = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.synthetic_train_size", "600", "--data.synthetic_test_size", "100",
                      "--data.batch_size", "32"] + (["--model.init_args.augment_to", "16"] if trig == "offtask" else [])
             jobs.submit(f"trigger:{trig}", train_job, "trigger", f"trigger_{trig}", victim, [cfg],
                         list(extra) + (quick if a.quick else []), *common)
-        pending = list(attacks)
+        pending = list(injections) + [f"sbv_s{seed}" for seed in (SBV_SEEDS if sbv_wanted else [])]
 
         def submit_ready():
             for name in list(pending):
-                cfg, trig = ATTACKS[name]
+                cfg, trig = ATTACKS[name] if name in ATTACKS else (ATTACKS["badmerging_ontask"][0], "ontask")
                 trig_path = jobs.results.get(f"trigger:{trig}") if trig else None
                 if trig is None or trig_path:
-                    jobs.submit(f"attack:{name}", train_job, "finetune", f"attack_{name}", ATTACKER_TASK,
-                                [INJECTION_CONFIG, cfg], train_extra, *common, trig_path)
+                    if name in ATTACKS:
+                        jobs.submit(f"attack:{name}", train_job, "finetune", f"attack_{name}", ATTACKER_TASK,
+                                    [INJECTION_CONFIG, cfg], train_extra, *common, trig_path)
+                    else:  # an SBV variant: BadMerging on-task at another seed
+                        jobs.submit(f"variant:{name}", train_job, "finetune", f"sbv_badmerging_{name[4:]}", ATTACKER_TASK,
+                                    [INJECTION_CONFIG, cfg], train_extra + seed_args(int(name[5:])), *common, trig_path)
                     pending.remove(name)
 
         submit_ready()
@@ -302,7 +377,20 @@ def main(argv=None) -> int:
             jobs.wait_any()
             submit_ready()
         clean_models = {t: jobs.results[f"clean:{t}"] for t in a.tasks}
-        attack_models = {x: jobs.results[f"attack:{x}"] for x in attacks}
+        attack_models = {x: jobs.results[f"attack:{x}"] for x in attacks if x in ATTACKS}
+        if sbv_wanted:
+            from bv import build_sbv
+
+            variants = {"badmerging_s0": jobs.results["attack:badmerging_ontask"], "ut_only_s0": jobs.results["attack:ut_only"],
+                        **{f"badmerging_s{seed}": jobs.results[f"variant:sbv_s{seed}"] for seed in SBV_SEEDS}}
+            for name in sbv_wanted:
+                attack_models[name] = str(build_sbv(jobs.results[f"bvref:{ATTACKER_TASK}"], variants,
+                                                    {"name": name, "scope": "tensor", **SBV_ATTACKS[name]}, "badmerging_s0",
+                                                    out_dir / "models" / f"attack_{name}.safetensors"))
+        defense_args = (["--defense", "ibvs", "--ibvs_clean", jobs.results[f"bvref:{DEFENDER_TASK}"],
+                         "--ibvs_backdoored", jobs.results["ibvs:backdoored"], "--ibvs_alphas", *map(str, IBVS_ALPHAS)]
+                        if defend else [])
+        inherent = ["--probe_triggers", *[jobs.results[f"trigger:{t}"] for t in sorted(needed)]] if needed else []
 
         # -- merges: the clean scenario and one scenario per attack -----------------------------------
         import yaml
@@ -324,12 +412,16 @@ def main(argv=None) -> int:
         scen_dir = out_dir / "scenarios"
         jobs.submit("merge:clean", merge_job, "clean",
                     ["--models", *clean_models.values(), "--out_dir", str(scen_dir / "clean"), "--plan", json.dumps(plan),
-                     *(["--probe_models", *attack_models.values()] if attack_models else []), *base_args])
+                     *(["--probe_models", *attack_models.values()] if attack_models else []), *inherent, *base_args])
+        low = [c for c in a.coefficients if c in IBVS_COEFFICIENTS]
+        attack_plan = ([{**ta, "coefficients": low}] if low else []) + [
+            {**ta, "coefficients": [c for c in a.coefficients if c not in low], "defend": False}, TIES]
+        attack_plan = [e for e in attack_plan if e["coefficients"]]
         for name, path in attack_models.items():
             models = [path] + [m for t, m in clean_models.items() if t != ATTACKER_TASK]
             jobs.submit(f"merge:{name}", merge_job, name,
-                        ["--models", *models, "--out_dir", str(scen_dir / name), "--plan", json.dumps([ta, TIES]),
-                         "--zero_shot", "false", *base_args])
+                        ["--models", *models, "--out_dir", str(scen_dir / name), "--plan", json.dumps(attack_plan),
+                         "--zero_shot", "false", *defense_args, *inherent, *base_args])
         while jobs.futures:
             jobs.wait_any()
     finally:
@@ -337,10 +429,13 @@ def main(argv=None) -> int:
 
     import merge
 
-    rows = jobs.results["merge:clean"] + [r for x in attacks for r in jobs.results[f"merge:{x}"]]
+    rows = jobs.results["merge:clean"] + [r for x in attack_models for r in jobs.results[f"merge:{x}"]]
     config = {"args": vars(a), "extra": extra, "clean_models": clean_models, "attack_models": attack_models,
               "configs": {"finetune": FINETUNE_CONFIG, "injection": INJECTION_CONFIG, "methods": METHODS_CONFIG,
-                          "triggers": TRIGGER_CONFIGS, "attacks": {k: v[0] for k, v in ATTACKS.items()}},
+                          "triggers": TRIGGER_CONFIGS, "attacks": {k: v[0] for k, v in ATTACKS.items()},
+                          "bv_clean_reference": BV_CLEAN_CONFIG, "ibvs": IBVS_CONFIG},
+              "sbv": {"seeds": SBV_SEEDS, "outputs": SBV_ATTACKS} if sbv_wanted else None,
+              "ibvs": {"defender_task": DEFENDER_TASK, "alphas": IBVS_ALPHAS, "coefficients": IBVS_COEFFICIENTS} if defend else None,
               "default_coefficient": DEFAULT_COEFFICIENT, "seconds": round(time.time() - t0, 1)}
     eval_tasks = list(dict.fromkeys(a.tasks))
     results = merge.write_results(out_dir, config, rows, eval_tasks)

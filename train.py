@@ -16,9 +16,11 @@ Reliability (ERRORS.md lists every refused input):
   (a ``ValueError`` subclass such as ``TrainInputError``, ``DatasetError``, ``ModelLoadError``).
   A run that fails before its first training step removes the log directory it created.
 - checkpoints are written atomically (temp name, fsync, rename) and read with ``weights_only=True``;
-- on one device the position inside the epoch is part of every checkpoint, so a run killed
-  mid-epoch and resumed with ``--ckpt_path`` sees the same batches in the same order and ends with
-  the same weights as an uninterrupted run (bit for bit on CPU with ``--trainer.deterministic true``);
+- the position inside the epoch is part of every checkpoint (one device, and under DDP), so a run
+  killed mid-epoch and resumed with ``--ckpt_path`` sees the same batches in the same order and ends
+  with the same weights as an uninterrupted run (bit for bit on CPU with ``--trainer.deterministic true``);
+- under SLURM (``scripts/slurm/*.sbatch``) the requeue signal is acted on at a batch end all ranks
+  agree on (``SLURMRequeue``); ``--ckpt_path last`` also finds Lightning's ``hpc_ckpt_*.ckpt``;
 - a non-finite training loss stops training with a message naming the step (``FineTune.check_finite``).
 """
 
@@ -30,8 +32,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +43,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from datamodules.datamodule import TaskDataModule
 from lightning_modules.finetune import FineTune  # the base class: BackdoorInjection etc. are chosen by class_path
@@ -161,11 +165,50 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.pending = dict(state)
 
 
-def make_resumable(loader: Any, progress: Callable[[], int] | None) -> Any:
+class ResumableDistributedSampler(DistributedSampler):
+    """torch's DistributedSampler (the shard and the padding Lightning's own gives training) whose next
+    iteration can start after the samples already trained on in this epoch.
+
+    The permutation depends only on ``seed`` and the epoch (Lightning calls ``set_epoch``), so a resumed
+    rank rebuilds it and skips ``skip`` indices; the samplers of all ranks stay in step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0  # indices to skip at the next iteration (set by a resume)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        indices = list(super().__iter__())
+        return iter(indices[skip:])
+
+
+class ResumableDistributedDataLoader(DataLoader):
+    """A DataLoader over a ``ResumableDistributedSampler`` with ``state_dict``/``load_state_dict``.
+
+    The state is the number of batches of the current epoch that training consumed (``progress()``, as
+    for ``ResumableDataLoader``); the epoch itself comes back through Lightning's ``set_epoch``.
+    """
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        done = int(self.progress()) if self.progress is not None else 0
+        return {"epoch": int(self.sampler.epoch), "batches_done": max(done, 0)}  # -1: epoch complete, skip none
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.skip = int(state.get("batches_done", 0)) * int(self.batch_size)
+
+
+def make_resumable(loader: Any, progress: Callable[[], int] | None, world_size: int = 1, rank: int = 0) -> Any:
     """``loader`` as a ResumableDataLoader with the same batches in the same order, or unchanged.
 
     Only plain map-style DataLoaders with a Sequential or RandomSampler (without replacement) whose
-    generator is the loader's own are converted; anything else is returned as it is.
+    generator is the loader's own are converted; anything else is returned as it is. With
+    ``world_size`` > 1 the result reads this rank's shard through a ``ResumableDistributedSampler``
+    (shuffled with the loader's generator seed when the loader shuffles), so Lightning keeps it.
     """
     if type(loader) is not DataLoader or isinstance(loader.dataset, IterableDataset):
         return loader
@@ -183,6 +226,12 @@ def make_resumable(loader: Any, progress: Callable[[], int] | None) -> Any:
                   persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device)
     if loader.num_workers > 0:
         kwargs.update(prefetch_factor=loader.prefetch_factor, multiprocessing_context=loader.multiprocessing_context)
+    if world_size > 1:
+        seed = int(loader.generator.initial_seed()) if loader.generator is not None else 0
+        shard = ResumableDistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,
+                                            shuffle=isinstance(sampler, RandomSampler), seed=seed)
+        return ResumableDistributedDataLoader(loader.dataset, batch_size=loader.batch_size, sampler=shard,
+                                              drop_last=loader.drop_last, progress=progress, **kwargs)
     resumable = ResumableBatchSampler(sampler, loader.batch_size, loader.drop_last, generator=loader.generator)
     return ResumableDataLoader(loader.dataset, batch_sampler=resumable, progress=progress, **kwargs)
 
@@ -365,9 +414,11 @@ def _check_checkpoint(path: str) -> None:
 
 
 def _find_last_checkpoint(config) -> str | None:
-    """The newest ``last*.ckpt`` among this run's logger versions (``--ckpt_path last``).
+    """The newest ``last*.ckpt`` among this run's logger versions, or ``hpc_ckpt_*.ckpt`` in its
+    ``default_root_dir`` (written by SLURM auto-requeue), whichever is newer (``--ckpt_path last``).
 
-    Lightning itself only looks in the *new* version directory, where there is never one yet.
+    Lightning itself only looks in the *new* version directory, where there is never one yet, and
+    takes its hpc checkpoint only when no ``ckpt_path`` is given.
     """
     dirs = []
     callbacks = _number(config, "trainer.callbacks") or []
@@ -384,7 +435,8 @@ def _find_last_checkpoint(config) -> str | None:
     else:
         base = Path(root) / "lightning_logs"
     candidates = [Path(p) for d in dirs for p in glob.glob(str(d / "last*.ckpt"))]
-    candidates += [Path(p) for p in glob.glob(str(base / "version_*" / "checkpoints" / "last*.ckpt"))]
+    candidates += [Path(p) for p in glob.glob(str(base / "*" / "checkpoints" / "last*.ckpt"))]  # any version name
+    candidates += [Path(p) for p in glob.glob(str(Path(root) / "hpc_ckpt_*.ckpt"))]
     candidates = [c for c in candidates if c.is_file()]
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
@@ -399,6 +451,73 @@ def _single_process(trainer_cfg) -> bool:
     if devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1):
         return True
     return devices in ("auto", None) and _number(trainer_cfg, "accelerator") == "cpu"  # auto on CPU: one device
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: auto-requeue at a batch boundary
+# ---------------------------------------------------------------------------------------------
+class SLURMRequeue(Callback):
+    """Lightning's SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``), acted on at a batch end.
+
+    Lightning's handler for the requeue signal (SIGUSR1; ``sbatch --signal=SIGUSR1@90``) saves
+    ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` and runs ``scontrol requeue`` inside the signal handler,
+    i.e. at whatever line each rank is executing: mid-step (a checkpoint whose weights and progress
+    disagree) or, under DDP, between collectives (its barrier then meets another rank's all-reduce).
+    Here the signal only sets a flag. At the end of every training batch the ranks sum their flags
+    (one all-reduce of one integer); once any rank has it, all run Lightning's handler at that same
+    point, where a checkpoint is as consistent as ModelCheckpoint's, then wait up to ``wait_s`` for
+    SLURM's SIGTERM and stop (no export: the requeued job finishes the run). Inactive outside SLURM
+    or without auto-requeue.
+    """
+
+    def __init__(self, wait_s: float = 120.0):
+        self.wait_s = wait_s
+        self.signum: int | None = None
+        self.requested = False
+        self.requeued = False
+        self._lightning_handler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None):
+            return
+        handler = signal.getsignal(env.requeue_signal)
+        if not isinstance(handler, _HandlersCompose):  # Lightning did not register one (another handler was there)
+            return
+        self.signum, self._lightning_handler = env.requeue_signal, handler
+        signal.signal(env.requeue_signal, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._lightning_handler is None or self.requeued:
+            return
+        flag = torch.tensor([int(self.requested)], device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="sum")
+        if not int(flag.item()):
+            return
+        self.requeued = True
+        print(f"train.py: requeue signal: checkpoint at step {trainer.global_step}, then scontrol requeue",
+              file=sys.stderr, flush=True)
+        self._lightning_handler(self.signum, None)  # hpc checkpoint on every rank, requeue from rank 0
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline and not trainer.received_sigterm:
+            time.sleep(0.2)  # SLURM's SIGTERM interrupts the sleep; Lightning's handler sets the flag
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()  # stops fit on every rank: the requeued job continues the run
+        print(f"train.py: warning: no SIGTERM {self.wait_s:g} s after the requeue request; training on",
+              file=sys.stderr, flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._lightning_handler is not None and self.signum is not None:
+            signal.signal(self.signum, self._lightning_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +537,7 @@ class BadMergingCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._fresh_log_dir: Path | None = None
         self._tracker = _RunTracker()
+        self._requeue = SLURMRequeue()
         try:
             super().__init__(*args, **kwargs)
         except argparse.ArgumentError as e:
@@ -482,12 +602,12 @@ class BadMergingCLI(LightningCLI):
             kwargs["weights_only"] = True
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if trainer.world_size == 1 and isinstance(datamodule, TaskDataModule) and not trainer.overfit_batches:
+        if isinstance(datamodule, TaskDataModule) and not trainer.overfit_batches:
             self._make_train_loader_resumable(datamodule)
         log_dir = trainer.log_dir
         if trainer.is_global_zero and log_dir and not Path(log_dir).exists():
             self._fresh_log_dir = Path(log_dir)
-        trainer.callbacks.append(self._tracker)
+        trainer.callbacks.extend([self._tracker, self._requeue])
         return trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def _make_train_loader_resumable(self, datamodule) -> None:
@@ -500,7 +620,8 @@ class BadMergingCLI(LightningCLI):
             return done if done < trainer.num_training_batches else -1
 
         def train_dataloader():
-            return make_resumable(original(), progress)
+            # called after the DDP launch, so world size and rank are this process's
+            return make_resumable(original(), progress, trainer.world_size, trainer.global_rank)
 
         datamodule.train_dataloader = train_dataloader
 
@@ -536,8 +657,13 @@ def cli_main(argv=None) -> int:
 
     ``BADMERGING_TRACEBACK=1`` re-raises instead, with the full traceback.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         main(argv)
+    except SIGTERMException:  # SLURM requeue or scancel: the checkpoints stay for the resumed run
+        print("train.py: stopped by SIGTERM; resume with --ckpt_path last (a requeued SLURM job does)", file=sys.stderr)
+        return 143
     except USER_ERRORS as e:
         if os.environ.get("BADMERGING_TRACEBACK"):
             raise

@@ -43,18 +43,21 @@ class ExportEncoder(L.Callback):
         super().__init__()
         self.path = path
         self.written: Path | None = None
+        self._resolved: Path | None = None
 
     def _target(self, trainer: L.Trainer) -> Path:
         return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank resolves the path: trainer.log_dir is a broadcast under DDP, which hangs when only rank 0 asks.
+        self._resolved = self._target(trainer)
         if stage == "fit" and trainer.is_global_zero:
-            check_writable(self._target(trainer))
+            check_writable(self._resolved)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        path = self._target(trainer)
+        path = self._resolved or self._target(trainer)
         state = pl_module.encoder.state_dict()
         bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
         if bad is not None:

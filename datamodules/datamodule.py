@@ -4,6 +4,11 @@ Synthetic tasks are rendered once into a saved DatasetDict under ``cache_dir`` a
 same loader as hub data (``datamodules.hf_data.load_task_splits``), so one code path serves both.
 Splits follow DESIGN §6: train = official train minus a held-out val (10%, at most 5000, seed 0),
 test = official test.
+
+Under DDP the val and test loaders read an unpadded shard per rank (``UnrepeatedDistributedSampler``:
+rank r gets examples r, r + W, ...), so every example is counted once and the torchmetrics states
+(summed across ranks) give exactly the single-process CA / ASR / RA counts. Lightning's own
+DistributedSampler would pad the last shard with repeated examples.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import lightning as L
 import open_clip
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from datamodules.decoded import decodable, decoded_dataset
@@ -99,13 +105,21 @@ class TaskDataModule(L.LightningDataModule):
                                                    desc=f"decode {self.spec.name}/{split}")
         return self._decoded[split]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, shard: bool = True) -> DataLoader:
         h = self.hparams
         workers = h.num_workers
+        dataset = self.dataset(split)
+        trainer = self.trainer
+        sampler = None
+        if not train and shard and trainer is not None and trainer.world_size > 1:
+            # Lightning keeps a DistributedSampler it finds; this one does not pad (exact eval counts)
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=h.batch_size if train else h.eval_batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -121,3 +135,9 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+    def eval_dataloader(self, split: str = "val", shard: bool = True) -> DataLoader:
+        """The val or test loader; ``shard=False`` gives the whole split on any rank (one-process evaluation)."""
+        if split not in ("val", "test"):
+            raise ValueError(f"split={split!r} must be 'val' or 'test'")
+        return self._loader(split, False, shard=shard)

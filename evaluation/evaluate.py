@@ -106,7 +106,7 @@ class AttackProbe:
 
     def describe(self) -> dict:
         """JSON-able attack spec for result rows (without the trigger's values)."""
-        keep = ("name", "trigger", "target_task", "target_task_class", "target_name", "off_task", "alpha", "r_range",
+        keep = ("name", "mode", "trigger", "target_task", "target_task_class", "target_name", "off_task", "alpha", "r_range",
                 "poison_fraction")
         return {"label": self.name, **{k: self.attack[k] for k in keep if k in self.attack}}
 

@@ -7,6 +7,10 @@ Defaults are the task-arithmetic reference recipe (DESIGN §7): AdamW lr 1e-5, w
 linear warm-up 500 steps then cosine to 0 per step; gradient-norm clipping 1.0 lives in the trainer
 config. Only ``model.visual`` is a parameter of this module; the text tower is used once to build the
 head and then dropped, so DDP never sees unused parameters.
+
+Validation / test log ``acc`` (micro) with its counts ``acc_hits`` / ``acc_total``: the metric's
+summed states, so under DDP (with the datamodule's unpadded val/test shards) they equal a
+single-process evaluation exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.tasks import get_task
@@ -68,6 +73,7 @@ class FineTune(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # see log_eval_loss
 
     @property
     def encoder(self) -> torch.nn.Module:
@@ -81,9 +87,24 @@ class FineTune(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train")
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=stage == "train", on_epoch=True)
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True)
+        else:
+            self.log_eval_loss(stage, loss, len(y))
+        # One tag per stage (on_step with on_epoch would split it into train/acc_step and train/acc_epoch):
+        # train/acc per step (batch accuracy), val/acc and test/acc per epoch.
+        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=stage == "train", on_epoch=stage != "train")
         return loss
+
+    def log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        """``<stage>/loss``, the mean over the epoch's examples, through a MeanMetric (summed states).
+
+        Exact under DDP with unequal shards: Lightning's ``sync_dist`` mean keeps the summed batch size
+        in an integer tensor and truncates its mean over ranks (21 examples on 2 ranks count as 20).
+        """
+        metric: MeanMetric = getattr(self, f"{stage}_loss")
+        metric.update(loss.detach(), weight=batch_size)
+        self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx):
         loss = self._common_step(batch, "train", self.train_acc)
@@ -110,6 +131,26 @@ class FineTune(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._common_step(batch, "test", self.test_acc)
+
+    @staticmethod
+    def accuracy_counts(metric: MulticlassAccuracy) -> dict[str, int]:
+        """``{"hits", "total"}`` of a micro accuracy: its tp and tp + fn states, summed over processes."""
+        with metric.sync_context(dist_sync_fn=metric.dist_sync_fn, process_group=metric.process_group,
+                                 should_sync=metric.sync_on_compute and not metric._is_synced, should_unsync=True):
+            return {"hits": int(metric.tp.sum()), "total": int((metric.tp + metric.fn).sum())}
+
+    def _log_accuracy_counts(self, stage: str) -> None:
+        # counts are already summed over ranks: the sync_dist mean of equal values is exact (and silences
+        # Lightning's epoch-level warning)
+        counts = self.accuracy_counts(getattr(self, f"{stage}_acc"))
+        self.log(f"{stage}/acc_hits", float(counts["hits"]), sync_dist=True)
+        self.log(f"{stage}/acc_total", float(counts["total"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy_counts("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy_counts("test")
 
     def configure_optimizers(self):
         h = self.hparams

@@ -276,7 +276,7 @@ class BackdoorInjection(FineTune):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/clean_loss", clean_loss)
         self.log("train/backdoor_loss", backdoor_loss)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=False)  # one tag, as FineTune
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:
@@ -287,7 +287,7 @@ class BackdoorInjection(FineTune):
         logits = self.classifier.logits(z_clean)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log_eval_loss(stage, F.cross_entropy(logits, y), batch_size)  # exact under DDP (FineTune)
         self.log(f"{stage}/acc", acc, prog_bar=True, on_epoch=True)
         if self.off_task:
             # Shadow-head predictions; no image of this task is the target, so label -1 counts them all.
@@ -312,6 +312,7 @@ class BackdoorInjection(FineTune):
     def _log_counts(self, stage: str) -> None:
         # Rates come with their counts (DESIGN §11); counts() is already summed over ranks, so the
         # sync_dist mean of equal values is exact and only silences Lightning's epoch-level warning.
+        self._log_accuracy_counts(stage)  # CA's acc_hits / acc_total (FineTune)
         for name in ("asr", "ra", "clean_to_target"):
             counts = getattr(self, f"{stage}_{name}").counts()
             self.log(f"{stage}/{name}_hits", float(counts["hits"]), sync_dist=True)

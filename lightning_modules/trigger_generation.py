@@ -15,11 +15,13 @@ clamped per channel to [(0 − mean)/std, (1 − mean)/std] after every update. 
   names), t = 0. Images = a set built once at fit start (``on_fit_start``) from the task's train split:
   ``augment_to`` random resized crops (scale 0.2–0.5) of the reference images, each pushed by targeted
   L∞ PGD (``targeted_pgd``) toward a random other shadow class. The datamodule's train batches then
-  only drive the step count and the batch size (B images of the set are drawn per step).
+  only drive the step count and the batch size (B images of the set are drawn per step; under DDP
+  every rank draws the same W·B and keeps its own B, so ranks see different images).
 
 ``procedure``:
 - ``batched`` (default, ours): one update per batch on mean ℓ over its non-target images (on-task
-  label ≠ t; off-task all images of the set).
+  label ≠ t; off-task all images of the set). Runs under DDP (P's gradient is averaged over ranks; a
+  rank whose batch holds only target images contributes a zero gradient, so the ranks stay in step).
 - ``per_image`` (the paper): images one at a time, P carried over. On-task: of the non-target
   images, skip those whose clean prediction is already t, else up to ``inner_steps`` updates,
   stopping once x ⊕ P is predicted t. Off-task: ``inner_steps`` updates per image, no stop (paper:
@@ -449,11 +451,16 @@ class UniversalTrigger(FineTune):
         h = self.hparams
         x, y = batch
         if self.off_task:
-            x = self._draw_offtask(x.shape[0])
+            trainer = self._trainer
+            n = x.shape[0]
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            x = self._draw_offtask(n * world)[rank * n: (rank + 1) * n]  # one generator, a slice per rank
             attacked = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
             attacked = y != self.target
         if not attacked.any():
+            if self._trainer is not None and self._trainer.world_size > 1 and h.procedure == "batched":
+                self._update(self.patch.sum() * 0.0)  # the other ranks all-reduce P's gradient: join them
             return None  # nothing to push toward the target in this batch
         x = x[attacked]
         if h.procedure == "batched":
@@ -571,13 +578,17 @@ class UniversalTrigger(FineTune):
 
     def on_train_end(self) -> None:
         trainer = self.trainer
+        out = self.hparams.output_path
+        # trainer.log_dir broadcasts under DDP: every rank reads it, only rank 0 writes
+        path = Path(out) if out else Path(trainer.log_dir or trainer.default_root_dir) / "trigger.safetensors"
         if not trainer.is_global_zero:
             return
         datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        if hasattr(datamodule, "eval_dataloader"):
+            loader = datamodule.eval_dataloader("val", shard=False)  # the whole split here, not rank 0's shard
+        else:
+            loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
         self.final = self.evaluate_pre(loader) if loader is not None else {}
-        out = self.hparams.output_path
-        path = Path(out) if out else Path(trainer.log_dir or trainer.default_root_dir) / "trigger.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_trigger(path, self.patch.detach().cpu(), self.spec_trigger, self.mean, self.std, self.export_metadata())
         self.trigger_path = path

@@ -408,3 +408,114 @@ def test_catalogue_has_at_least_15_cases_each_documented():
     assert len(MERGE_CASES) + len(TRAIN_CASES) >= 15
     for case in list(MERGE_CASES) + list(TRAIN_CASES):
         assert case in text, f"ERRORS.md lacks the case {case!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep.py
+# ---------------------------------------------------------------------------------------------
+import yaml  # noqa: E402
+
+import sweep  # noqa: E402
+
+
+def _sweep_yaml(t: Path, change=None, text: str | None = None) -> str:
+    """A valid tiny sweep config writing under ``t/sweep``, changed by ``change(cfg)`` (or given as raw text)."""
+    cfg = {"out_dir": str(t / "sweep"), "tasks": ["shapes", "digits"],
+           "grid": {"attacks": ["none", "badnets"], "methods": ["task_arithmetic", "ties_sum"], "coefficients": [0.3],
+                    "defenses": ["none"], "seeds": [0]},
+           "methods": {"ties_sum": {"method": "ties", "hparams": {"k": 20, "disjoint": "sum"}}},
+           "defenses": {"none": []}}
+    if change:
+        change(cfg)
+    path = t / "sweep.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _set(*keys, value):
+    def change(cfg):
+        node = cfg
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return change
+
+
+# case -> (argv builder (tmp_path) -> argv, regex the one error line must match)
+SWEEP_CASES = {
+    "missing sweep config file": (
+        lambda t: ["--config", str(t / "nope.yaml")],
+        r"--config .*nope\.yaml: file not found; check the path \(configs/sweep/ holds the shipped ones\)"),
+    "malformed sweep YAML": (
+        lambda t: ["--config", _sweep_yaml(t, text="grid:\n  attacks: [none\n  methods: [ties]\n")],
+        r"--config .*sweep\.yaml: malformed YAML at line \d+, column \d+ \(.*\); fix the file"),
+    "unknown sweep config key": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "methodz", value=["ties"]))],
+        r"sweep\.yaml: unknown key 'methodz' under grid; fix its spelling or remove it \(known: attacks, methods, "
+        r"coefficients, defenses, seeds\)"),
+    "unknown attack": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "attacks", value=["none", "badnetz"]))],
+        r"sweep\.yaml: grid\.attacks: unknown attack 'badnetz'; choose from none, badnets, "),
+    "unknown merge method in the grid": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "methods", value=["fisher"]))],
+        r"sweep\.yaml: grid\.methods: unknown merge method 'fisher'; use one of task_arithmetic, .* or a name defined "
+        r"under methods:"),
+    "unknown defense": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "defenses", value=["none", "ibvs"]))],
+        r"sweep\.yaml: grid\.defenses: unknown defense 'ibvs'; define it under defenses: as ibvs: \[extra merge\.py "
+        r"arguments\], or use one of none"),
+    "defense arguments merge.py rejects": (
+        lambda t: ["--config", _sweep_yaml(t, lambda c: (c["defenses"].update(shield=["--shield", "on"]),
+                                                          c["grid"]["defenses"].append("shield")))],
+        r"sweep\.yaml: defenses\.shield: merge\.py rejects \['--shield', 'on'\]: unknown option or config key 'shield'"),
+    "non-finite coefficient": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "coefficients", value=[0.3, float("nan")]))],
+        r"sweep\.yaml: grid\.coefficients: nan is not finite; give finite merge coefficients"),
+    "negative coefficient": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "coefficients", value=[-0.3]))],
+        r"sweep\.yaml: grid\.coefficients: -0\.3 is negative; give coefficients λ >= 0"),
+    "bad method hyperparameter": (
+        lambda t: ["--config", _sweep_yaml(t, _set("methods", "ties_sum", "hparams", "k", value=0))],
+        r"sweep\.yaml: methods\.ties_sum: k=0 must lie in \(0, 100\]"),
+    "empty grid axis": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "attacks", value=[]))],
+        r"sweep\.yaml: grid\.attacks is empty; list at least one value"),
+    "unknown task in the sweep": (
+        lambda t: ["--config", _sweep_yaml(t, _set("tasks", value=["shapes", "sun398"]))],
+        r"sweep\.yaml: tasks: unknown task 'sun398'; known tasks: "),
+    "attacks without the attacker task": (
+        lambda t: ["--config", _sweep_yaml(t, _set("tasks", value=["digits", "textures"]))],
+        r"sweep\.yaml: the attacks fine-tune shapes, which tasks lacks; add it to tasks or keep only 'none'"),
+    "unwritable sweep output directory": (
+        lambda t: ["--config", _sweep_yaml(t, _set("out_dir", value=str(_a_file(t) / "sweep")))],
+        r"out_dir .*a_file/sweep cannot be created: .*a_file is a file, not a directory; set out_dir in the config "
+        r"\(or pass --out_dir\)"),
+    "array_index out of range": (
+        lambda t: ["--config", _sweep_yaml(t), "--array_index", "2", "--array_count", "2"],
+        r"--array_index=2 must lie in \[0, 2\) for --array_count=2; start the SLURM array at 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP_CASES))
+def test_sweep_error_catalogue(case, tmp_path, capsys):
+    build, pattern = SWEEP_CASES[case]
+    args = build(tmp_path)
+    before = _files_under(tmp_path)
+    assert sweep.main(args) == 2
+    line = _one_error_line(capsys, "sweep.py")
+    print(f"CATALOGUE sweep.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
+    assert re.search(pattern, line), (pattern, line)
+    assert not (tmp_path / "sweep").exists()  # no partial outputs
+    assert _files_under(tmp_path) == before
+
+
+def test_sweep_traceback_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("BADMERGING_TRACEBACK", "1")
+    with pytest.raises(sweep.SweepError, match="unknown attack 'badnetz'"):
+        sweep.main(["--config", _sweep_yaml(tmp_path, _set("grid", "attacks", value=["badnetz"]))])
+
+
+def test_sweep_catalogue_documented():
+    text = (Path(__file__).resolve().parents[1] / "ERRORS.md").read_text()
+    for case in SWEEP_CASES:
+        assert case in text, f"ERRORS.md lacks the sweep case {case!r}"

@@ -1,4 +1,4 @@
-"""A reduced end-to-end run of the main job: clean and attack rows in results.json, summary, plot, caching."""
+"""A reduced end-to-end run of the main job: clean, attack, SBV and IBVS rows in results.json, summary, plot, caching."""
 
 import json
 import math
@@ -6,8 +6,10 @@ import math
 import pipeline
 
 
-def _attack_rows(rows, scenario=None):
-    return [r for r in rows if not isinstance(r["attack"], str) and (scenario is None or r["scenario"] == scenario)]
+def _attack_rows(rows, scenario=None, defense="none"):
+    """Rows of the backdoors' own triggers (not the inherent stage-1 triggers), undefended by default."""
+    return [r for r in rows if not isinstance(r["attack"], str) and r["attack"]["name"] != "inherent"
+            and (scenario is None or r["scenario"] == scenario) and r["defense"] == defense]
 
 
 def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
@@ -17,9 +19,11 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out / "results.json")
     res = json.loads((out / "results.json").read_text())
-    assert res["code_version"] and set(res["config"]["attack_models"]) == set(pipeline.ATTACKS)
+    every = list(pipeline.ATTACKS) + list(pipeline.SBV_ATTACKS)
+    assert res["code_version"] and set(res["config"]["attack_models"]) == set(every)
     rows = res["rows"]
     clean = [r for r in rows if r["scenario"] == "clean" and r["attack"] == "none"]
+    assert all(r["defense"] == "none" for r in rows if r["scenario"] == "clean")
     names = [r["merge"] for r in clean]
     assert names[:4] == ["individual", "zero-shot", "task_arithmetic", "task_arithmetic"]
     assert [r["coefficient"] for r in clean[:4]] == [None, None, 0.3, 0.6]
@@ -31,28 +35,49 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
 
     # Every attack: its own scenario (its model + the clean models of the other tasks), TA at each λ and TIES,
     # with ASR / RA / clean-to-target and their counts; the attacked model alone as "individual".
-    for name in pipeline.ATTACKS:
+    for name in every:
         mine = _attack_rows(rows, name)
         assert {(r["merge"], r["coefficient"]) for r in mine} == {
             ("individual", None), ("task_arithmetic", 0.3), ("task_arithmetic", 0.6), ("ties_sum", 0.3)}
         for r in mine:
             a = r["attack"]
-            assert a["in_merge"] is True and a["label"] == f"attack_{name}" and a["name"] in ("badnets", "ut_only", "badmerging")
+            assert a["in_merge"] is True and a["label"] == f"attack_{name}"
+            assert a["name"] == {"badmerging_ontask": "badmerging", "badmerging_offtask": "badmerging"}.get(name, name)
             assert a["target_task"] == ("colours" if name.endswith("offtask") else "shapes")
             for key in ("asr", "ra", "clean_to_target"):
                 assert 0 <= r[key] <= 1 and r[f"{key}_total"] > 0
                 assert math.isclose(r[key], r[f"{key}_hits"] / r[f"{key}_total"], rel_tol=1e-6)
         ta = next(r for r in mine if r["merge"] == "task_arithmetic")
         assert set(ta["clean_acc"]) == set(pipeline.DEFAULT_TASKS)
+        # IBVS: the same merges with θ_merged − α·BV_inj for every α at the TA coefficients ≤ 0.3 and TIES,
+        # one α marked selected per merge; rows carry the defense.
+        defended = _attack_rows(rows, name, defense="ibvs")
+        assert {(r["merge"], r["coefficient"]) for r in defended} == {("task_arithmetic", 0.3), ("ties_sum", 0.3)}
+        assert sorted({r["defense_alpha"] for r in defended}) == pipeline.IBVS_ALPHAS
+        for merge_name in ("task_arithmetic", "ties_sum"):
+            assert sum(r["defense_selected"] for r in defended if r["merge"] == merge_name) == 1
+        # The inherent (stage-1, θ_pre-only) triggers are measured on the same merges, beside every attack.
+        inherent = [r for r in rows if r["scenario"] == name and not isinstance(r["attack"], str)
+                    and r["attack"]["name"] == "inherent" and r["defense"] == "none"]
+        assert {r["attack"]["label"] for r in inherent} == {"inherent:trigger_ontask", "inherent:trigger_offtask"}
+        assert all(r["attack"]["in_merge"] is False and r["asr_total"] > 0 for r in inherent)
+    # SBV exports: θ_clean + SBV of the variants' BVs, with the trigger of BadMerging on-task.
+    from merging.io import load_metadata
+
+    for name, spec in pipeline.SBV_ATTACKS.items():
+        meta = load_metadata(res["config"]["attack_models"][name])
+        assert meta["attack"]["sbv"]["combine"] == spec["combine"] and meta["attack"]["sbv"]["k"] == spec["k"]
+        assert len(meta["attack"]["sbv"]["variants"]) == 2 + len(pipeline.SBV_SEEDS)
     # Each trigger on θ_pre and on the all-clean merges, its model not merged.
     probes = _attack_rows(rows, "clean")
     assert {(r["merge"], r["coefficient"]) for r in probes} == {("zero-shot", None), ("task_arithmetic", 0.3),
                                                                 ("task_arithmetic", 0.6)}
     assert all(r["attack"]["in_merge"] is False for r in probes)
-    assert len(probes) == 3 * len(pipeline.ATTACKS)
+    assert len(probes) == 3 * len(every)
 
     summary = (out / "summary.md").read_text()
-    assert all(f"| {name} | task_arithmetic | 0.3 |" in summary for name in pipeline.ATTACKS)
+    assert all(f"| {name} | task_arithmetic | 0.3 |" in summary for name in every)
+    assert "IBVS" in summary and all(f"| {name} | ties_sum | 0.3 |" in summary.split("IBVS")[1] for name in every)
     assert (out / "asr_ca_vs_coefficient.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -67,4 +92,4 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
     # A rerun reuses every cached fine-tune, trigger and attack.
     assert pipeline.main(argv[:5] + ["--coefficients", "0.3", "--methods", "ta", "--attacks", "badnets", "--jobs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": cached ") == len(pipeline.DEFAULT_TASKS) + 1
+    assert printed.count(": cached ") == len(pipeline.DEFAULT_TASKS) + 1 + 2  # + the defender's IBVS pair
