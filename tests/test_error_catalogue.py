@@ -155,6 +155,19 @@ MERGE_CASES = {
     "bad numeric argument": (
         lambda t, m: ["--models", *map(str, m), "--batch_size", "0"],
         r"--batch_size=0 must be a positive integer"),
+    "unknown defense": (
+        lambda t, m: ["--models", str(m[0]), "--defense", "pruning"],
+        r"--defense='pruning' is unknown; use one of none, ibvs"),
+    "IBVS without the defender's pair": (
+        lambda t, m: ["--models", str(m[0]), "--defense", "ibvs"],
+        r"--defense ibvs needs --ibvs_clean: the defender's own clean fine-tune"),
+    "negative IBVS alpha": (
+        lambda t, m: ["--models", str(m[0]), "--defense", "ibvs", "--ibvs_clean", str(m[0]), "--ibvs_backdoored", str(m[1]),
+                      "--ibvs_alphas", "-1"],
+        r"--ibvs_alphas: α=-1\.0 must be a finite number ≥ 0 \(0 = no defense\)"),
+    "missing inherent trigger file": (
+        lambda t, m: ["--models", str(m[0]), "--probe_triggers", str(t / "nope_trigger.safetensors")],
+        r"--probe_triggers: .*nope_trigger\.safetensors does not exist; pass a stage-1 trigger file"),
 }
 
 
