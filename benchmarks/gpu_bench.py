@@ -384,14 +384,13 @@ def _ratios(rows: list[dict], paths) -> list[dict]:
     return ratios
 
 
-def _run(args, device, workdir: Path, save) -> dict:
+def _bench_inputs(args, device) -> tuple:
+    """(encoder, image_size, D, head (C, D), trigger (3, L, L), batch (x (B, 3, S, S), y (B,))), all on ``device``.
+
+    The encoder is ``args.model``'s random-weight image tower; x, y are drawn with seed 0.
+    """
     import open_clip
 
-    if args.smoke:
-        (workdir / "gpu-bench-tiny.json").write_text(json.dumps(SMOKE_MODEL))
-        open_clip.add_model_config(workdir)
-    torch.manual_seed(0)
-    t_start = time.perf_counter()
     with _quiet():
         clip = open_clip.create_model(args.model, pretrained=None)
     encoder = clip.visual.to(device)
@@ -404,7 +403,11 @@ def _run(args, device, workdir: Path, save) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch_size, 3, image_size, image_size, generator=g).to(device),
              torch.randint(0, args.classes, (args.batch_size,), generator=g).to(device))
+    return encoder, image_size, dim, head, trigger, batch
 
+
+def _lightning_modules(args, head, trigger, workdir: Path) -> tuple[bool, str | None, dict]:
+    """(available, reason skipped, {kind: module}): the project's modules, or why the lightning path is off."""
     available, why = (False, "--no-lightning") if args.no_lightning else project_available()
     modules = {}
     if available:
@@ -412,6 +415,62 @@ def _run(args, device, workdir: Path, save) -> dict:
             modules = build_project_modules(args.model, head.cpu(), trigger.cpu(), workdir)
         except Exception as e:  # noqa: BLE001
             available, why = False, f"building the project's modules failed: {type(e).__name__}: {e}"
+    return available, why, modules
+
+
+def _time_paths(args, paths, modules, encoder, head, trigger, kind, batch, device, precision) -> tuple[dict, dict]:
+    """({path: [seconds per run]}, {path: error}) over ``args.repeats`` runs, paths alternated A B B A."""
+    seconds = {p: [] for p in paths}
+    errors = {}
+    for r in range(args.repeats):
+        for path in (paths if r % 2 == 0 else paths[::-1]):
+            if path in errors:
+                continue
+            try:
+                if path == "plain":
+                    s = plain_run(encoder, head, trigger, kind, batch, device, precision, args.steps, args.warmup)
+                else:
+                    s = lightning_run(modules[kind], batch, device, precision, args.steps, args.warmup)
+                seconds[path].append(s)
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
+                errors[path] = (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                f" | {traceback.format_exc(limit=-3)[-1500:]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return seconds, errors
+
+
+def _add_rows(rows, args, paths, precision, tf32, tf32_state, kind, seconds, errors, per_image, peaks, t_start) -> None:
+    """Append (and print) one row per path: median-run images/s, achieved TFLOP/s and MFU, or the error."""
+    flops = model_flops_per_step(kind, args.batch_size, per_image)
+    key = peak_key(precision, tf32)
+    for path in paths:
+        row = {"precision": precision, "tf32_on": tf32, "tf32": tf32_state, "kind": kind, "path": path,
+               "seconds": seconds[path], "error": errors.get(path)}
+        if seconds[path]:
+            s = statistics.median(seconds[path])
+            row.update({"steps_per_s": args.steps / s, "images_per_s": args.batch_size * args.steps / s,
+                        "model_tflop_per_step": flops / 1e12, "achieved_tflop_s": flops * args.steps / s / 1e12,
+                        "peak": key, "peak_tflop_s": peaks[key] if peaks else None})
+            row["mfu"] = row["achieved_tflop_s"] / peaks[key] if peaks else None
+        rows.append(row)
+        desc = f"{row['images_per_s']:8.0f} img/s" if seconds[path] else f"error {errors[path].split(' | ')[0]}"
+        mfu = f", MFU {row['mfu']:.3f} of {key} peak" if seconds[path] and row["mfu"] is not None else ""
+        print(f"  {precision:10s} tf32={tf32!s:5s} {kind:10s} {path:9s} {desc}{mfu} "
+              f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+
+
+def _run(args, device, workdir: Path, save) -> dict:
+    """The report of ``run``: every (precision, step kind, path) row, ``save(report)`` after each group."""
+    import open_clip
+
+    if args.smoke:
+        (workdir / "gpu-bench-tiny.json").write_text(json.dumps(SMOKE_MODEL))
+        open_clip.add_model_config(workdir)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    encoder, image_size, dim, head, trigger, batch = _bench_inputs(args, device)
+    available, why, modules = _lightning_modules(args, head, trigger, workdir)
     paths = ("plain", "lightning") if available else ("plain",)
 
     per_image = forward_flops_per_image(encoder, image_size, device)
@@ -438,39 +497,8 @@ def _run(args, device, workdir: Path, save) -> dict:
     for precision, tf32 in PRECISIONS:
         tf32_state = set_tf32(tf32)
         for kind in ("clean", "badmerging"):
-            seconds = {p: [] for p in paths}
-            errors = {}
-            for r in range(args.repeats):
-                for path in (paths if r % 2 == 0 else paths[::-1]):
-                    if path in errors:
-                        continue
-                    try:
-                        if path == "plain":
-                            s = plain_run(encoder, head, trigger, kind, batch, device, precision, args.steps, args.warmup)
-                        else:
-                            s = lightning_run(modules[kind], batch, device, precision, args.steps, args.warmup)
-                        seconds[path].append(s)
-                    except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
-                        errors[path] = (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                                        f" | {traceback.format_exc(limit=-3)[-1500:]}")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-            flops = model_flops_per_step(kind, args.batch_size, per_image)
-            key = peak_key(precision, tf32)
-            for path in paths:
-                row = {"precision": precision, "tf32_on": tf32, "tf32": tf32_state, "kind": kind, "path": path,
-                       "seconds": seconds[path], "error": errors.get(path)}
-                if seconds[path]:
-                    s = statistics.median(seconds[path])
-                    row.update({"steps_per_s": args.steps / s, "images_per_s": args.batch_size * args.steps / s,
-                                "model_tflop_per_step": flops / 1e12, "achieved_tflop_s": flops * args.steps / s / 1e12,
-                                "peak": key, "peak_tflop_s": peaks[key] if peaks else None})
-                    row["mfu"] = row["achieved_tflop_s"] / peaks[key] if peaks else None
-                rows.append(row)
-                desc = f"{row['images_per_s']:8.0f} img/s" if seconds[path] else f"error {errors[path].split(' | ')[0]}"
-                mfu = f", MFU {row['mfu']:.3f} of {key} peak" if seconds[path] and row["mfu"] is not None else ""
-                print(f"  {precision:10s} tf32={tf32!s:5s} {kind:10s} {path:9s} {desc}{mfu} "
-                      f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+            seconds, errors = _time_paths(args, paths, modules, encoder, head, trigger, kind, batch, device, precision)
+            _add_rows(rows, args, paths, precision, tf32, tf32_state, kind, seconds, errors, per_image, peaks, t_start)
             report["ratios"], report["seconds_total"] = _ratios(rows, paths), time.perf_counter() - t_start
             save(report)
     report["complete"] = True

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from merging.io import save_state_dict
+from merging.io import check_output_path, save_state_dict
 from modeling.version import code_version
 
 
@@ -18,15 +18,7 @@ class ExportError(ValueError):
 
 def check_writable(path: Path, what: str = "export path") -> None:
     """Refuse an output file that cannot be created or written, without creating anything."""
-    if path.is_dir():
-        raise ExportError(f"{what} {path} is a directory; pass a file path such as {path / 'encoder.safetensors'}")
-    probe = path.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ExportError(f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"{what} {path} is not writable ({probe} refuses writes); choose another path")
+    check_output_path(path, what, is_dir=False, error=ExportError)
 
 
 class ExportEncoder(L.Callback):

@@ -1,93 +1,96 @@
-"""Merge the model being trained with a pool of exported models, and log the merge's accuracy.
+"""Merge the model being trained with a pool of exported models, and log the merge's accuracy and ASR.
 
     trainer:
       callbacks:
         - class_path: callbacks.merge_eval.MergeEvaluate
           init_args: {pool: [outputs/default/models/digits.safetensors], coefficients: [0.3], every_n_steps: 100}
 
-Every ``every_n_steps`` (and at the end of fit) it takes τ_now = θ_now − θ_pre of the module's image
-encoder, merges [τ_now, τ_pool...] with ``method``, evaluates clean accuracy on the tasks of the
-module and of the pool, and logs ``merge/<method>/λ=<c>/acc/<task>`` and ``.../mean_acc`` to the
-trainer's logger. So a user sees during training whether what it learns survives merging (the attack
-issues add ASR here).
+Every ``every_n_steps`` (and at the end of fit) it writes the module's image encoder θ_now (with the module's
+export metadata) to a temporary file, merges it with the pool through ``evaluation.merge_eval`` (the API merge.py
+uses) on the val split (the first ``max_examples`` images per task), and logs to the trainer's logger
 
-IBVS (DESIGN §10): with ``ibvs_clean`` and ``ibvs_backdoored`` (the defender's own pair) it also evaluates
-θ_merged − α·BV_inj for every α of ``ibvs_alphas`` and logs ``.../ibvs_α=<a>/acc/<task>`` and ``.../mean_acc``.
+    merge/<method>/λ=<c>/acc/<task>, .../mean_acc                     clean accuracy of the merge
+    merge/<method>/λ=<c>/asr/<trigger>, .../clean_to_target/<trigger>  every backdoored input's trigger
+
+where the triggers are those of the backdoored inputs: the module itself when it injects a backdoor
+(``BackdoorInjection``; trigger ``training``) and the pool's backdoored exports. So a user sees during training
+whether what it learns survives merging.
+
+IBVS: with ``ibvs_clean`` and ``ibvs_backdoored`` (the defender's own pair) it also evaluates θ_merged − α·BV_inj
+for every α of ``ibvs_alphas`` and logs the same metrics under ``.../ibvs_α=<a>/``.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
+from pathlib import Path
 
 import lightning as L
 
-from merging.io import load_metadata, load_state_dict
-from merging.methods import get_merge_method, method_hyperparameters
-from merging.task_vectors import task_vector
+from defenses import defense_setting
+from evaluation.merge_eval import EvalCache, MergeEvalRequest, PlanEntry, evaluate_merges, validate_plan_entry
+from evaluation.rows import Row
+from merging.io import save_state_dict
+
+
+def row_metrics(rows: list[Row]) -> dict[str, float]:
+    """Logger metrics of result rows: clean accuracy per task and mean, ASR and clean-to-target per trigger."""
+    metrics = {}
+    for row in rows:
+        prefix = f"merge/{row.merge}" + ("" if row.coefficient is None else f"/λ={row.coefficient:g}")
+        if row.defense_alpha is not None:
+            prefix += f"/{row.defense}_α={row.defense_alpha:g}"
+        if row.attack is None:
+            metrics.update({f"{prefix}/acc/{t}": a for t, a in row.clean_acc.items()})
+            metrics[f"{prefix}/mean_acc"] = row.mean_clean_acc
+        else:
+            metrics[f"{prefix}/asr/{row.attack.label}"] = row.asr
+            metrics[f"{prefix}/clean_to_target/{row.attack.label}"] = row.clean_to_target
+    return metrics
 
 
 class MergeEvaluate(L.Callback):
     def __init__(self, pool: list[str], method: str = "task_arithmetic", coefficients: list[float] = [0.3],  # noqa: B006
                  hparams: dict | None = None, every_n_steps: int = 0, max_examples: int = 500,
                  cache_dir: str = ".cache/badmerging", ibvs_clean: str | None = None, ibvs_backdoored: str | None = None,
-                 ibvs_alphas: list[float] = [1.0]):  # noqa: B006
+                 ibvs_alphas: list[float] = [1.0], device: str = "cpu"):  # noqa: B006
         super().__init__()
         if (ibvs_clean is None) != (ibvs_backdoored is None):
             raise ValueError("IBVS needs both ibvs_clean and ibvs_backdoored (the defender's clean and self-backdoored "
                              "fine-tunes); pass both or neither")
-        self.ibvs_paths, self.ibvs_alphas = (ibvs_clean, ibvs_backdoored), list(ibvs_alphas)
-        self.bv_inj = None
-        self.pool, self.method, self.coefficients = list(pool), method, list(coefficients)
-        self.hparams = {**method_hyperparameters(method), **(hparams or {})}
-        self.merge_fn = get_merge_method(method)
-        self.every_n_steps, self.max_examples, self.cache_dir = every_n_steps, max_examples, cache_dir
-        self._ready = False
+        self.pool = list(pool)
+        self.entry = PlanEntry(method, coefficients=list(coefficients), hparams=dict(hparams or {}))
+        validate_plan_entry(self.entry, len(self.pool) + 1)  # an unknown method or hyperparameter fails before training
+        self.defenses = [] if ibvs_clean is None else [
+            defense_setting("ibvs", {"clean": ibvs_clean, "backdoored": ibvs_backdoored}, list(ibvs_alphas), select=None)]
+        self.every_n_steps, self.max_examples, self.cache_dir, self.device = every_n_steps, max_examples, cache_dir, device
+        self.cache = EvalCache()  # θ_pre and decoded val data, reused by every evaluation
+        self._tmp: tempfile.TemporaryDirectory | None = None
         self.history: list[dict] = []
 
-    def _setup(self, pl_module) -> None:
-        from evaluation.evaluate import load_eval_tasks
-        from modeling.clip import load_base_model
+    def _current_model(self, pl_module) -> str:
+        """θ_now with the module's export metadata (task, base, attack), as a file the evaluation API reads."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="merge_eval_")
+        path = Path(self._tmp.name) / "training.safetensors"
+        state = {k: v.detach().cpu() for k, v in pl_module.encoder.state_dict().items()}
+        save_state_dict(path, state, pl_module.export_metadata())
+        return str(path)
 
+    def _request(self, trainer: L.Trainer, pl_module, current: str) -> MergeEvalRequest:
         h = pl_module.hparams
-        self.base = load_base_model(h.model_name, h.pretrained)
-        self.theta_pre = self.base.encoder_state_dict()
-        tasks = [pl_module.spec.name]
-        self.pool_vectors = []
-        for p in self.pool:
-            meta = load_metadata(p) or {}
-            if meta.get("task"):
-                tasks.append(meta["task"])
-            self.pool_vectors.append(task_vector(load_state_dict(p), self.theta_pre))
-        if self.ibvs_paths[0]:
-            from merging.backdoor_vectors import backdoor_vector
-
-            self.bv_inj = backdoor_vector(load_state_dict(self.ibvs_paths[1]), load_state_dict(self.ibvs_paths[0]))
-        self.data = load_eval_tasks(list(dict.fromkeys(tasks)), self.base, split="val", cache_dir=self.cache_dir,
-                                    max_examples=self.max_examples)
-        self._ready = True
+        # the val split is held out of the fine-tune's own renders: take the data settings of the trainer's datamodule
+        data = dict(getattr(trainer.datamodule, "hparams", None) or {}) if trainer.datamodule is not None else {}
+        sizes = {k: data[k] for k in ("synthetic_train_size", "synthetic_test_size") if k in data}
+        data_dirs = {pl_module.spec.name: data["data_dir"]} if data.get("data_dir") else {}
+        return MergeEvalRequest(models=[current, *self.pool], plan=[self.entry], defenses=self.defenses, zero_shot=False,
+                                individual=False, model_name=h.model_name, pretrained=h.pretrained, cache_dir=self.cache_dir,
+                                data_dirs=data_dirs, device=self.device, val_max_examples=self.max_examples,
+                                eval_split="val", **sizes)
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict:
-        from evaluation.evaluate import evaluate_encoder
-
-        if not self._ready:
-            self._setup(pl_module)
-        encoder = copy.deepcopy(pl_module.encoder).cpu().eval()
-        current = task_vector({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, self.theta_pre)
-        metrics = {}
-        for c in self.coefficients:
-            hp = {**self.hparams, "coefficient": c} if "coefficient" in self.hparams else self.hparams
-            merged = self.merge_fn(self.theta_pre, [current, *self.pool_vectors], **hp)
-            variants = [(f"merge/{self.method}/λ={c:g}", merged)]
-            if self.bv_inj is not None:
-                from merging.backdoor_vectors import ibvs_defend
-
-                variants += [(f"merge/{self.method}/λ={c:g}/ibvs_α={a:g}", ibvs_defend(merged, self.bv_inj, a))
-                             for a in self.ibvs_alphas]
-            for prefix, state in variants:
-                encoder.load_state_dict(state)
-                accs = evaluate_encoder(encoder, self.data)
-                metrics.update({f"{prefix}/acc/{t}": a for t, a in accs.items()})
-                metrics[f"{prefix}/mean_acc"] = sum(accs.values()) / len(accs)
+        request = self._request(trainer, pl_module, self._current_model(pl_module))
+        metrics = row_metrics(evaluate_merges(request, self.cache).rows)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append({"step": trainer.global_step, **metrics})
@@ -101,3 +104,8 @@ class MergeEvaluate(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and (not self.history or self.history[-1]["step"] != trainer.global_step):
             self.evaluate(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -13,6 +13,9 @@ DistributedSampler would pad the last shard with repeated examples.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import open_clip
 import torch
@@ -25,13 +28,26 @@ from datamodules.synthetic import synthetic_task_dir
 from datamodules.tasks import get_task
 
 
-def clip_transform(model_name: str):
-    """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``."""
-    import modeling.clip  # noqa: F401  (registers the project's model configs, e.g. badmerging-tiny)
+# The project's own open_clip model configs (badmerging-tiny) are JSON files shipped beside the modeling code.
+# The preprocessing needs only their vision fields, so the data floor reads the files and does not import
+# modeling, which sits above it (modeling.pretrain trains on this package's renders).
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "modeling" / "model_configs"
 
+
+def model_config(model_name: str) -> dict:
+    """The open_clip config of ``model_name``: open_clip's registry, else the project's JSON file."""
     cfg = open_clip.get_model_config(model_name)
+    path = MODEL_CONFIG_DIR / f"{model_name}.json"
+    if cfg is None and path.parent == MODEL_CONFIG_DIR and path.is_file():  # a plain name, no path into elsewhere
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     if cfg is None:
         raise ValueError(f"unknown model {model_name!r}; use an open_clip name such as ViT-B-32 or badmerging-tiny")
+    return cfg
+
+
+def clip_transform(model_name: str):
+    """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``."""
+    cfg = model_config(model_name)
     vcfg, pcfg = cfg["vision_cfg"], cfg.get("preprocess_cfg", {})
     size = vcfg["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size

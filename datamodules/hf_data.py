@@ -124,31 +124,26 @@ def _as_split_dict(obj: Any) -> dict[str, datasets.Dataset]:
     raise TypeError(f"expected a Dataset or DatasetDict, got {type(obj).__name__}")
 
 
-def load_raw_splits(
-    spec: TaskSpec | str, data_dir: str | Path | None = None, *, cache_dir: str | None = None
-) -> tuple[dict[str, datasets.Dataset], str]:
-    """The official splits of a task as stored, and a short description of where they came from.
+def _load_hub_dataset(spec: TaskSpec, cache_dir: str | None) -> tuple[dict[str, datasets.Dataset], str]:
+    """Source 4: ``load_dataset(spec.hub_id, spec.hub_config)`` (no ``data_dir``)."""
+    if spec.hub_id is None:
+        raise DatasetError(
+            f"task {spec.name!r} has no hub id: "
+            "pass data_dir=<a saved dataset, hub-format or imagefolder directory>"
+        )
+    source = f"hub dataset {spec.hub_id}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+    try:
+        loaded = datasets.load_dataset(spec.hub_id, spec.hub_config, cache_dir=cache_dir)
+    except Exception as exc:  # network, offline mode, missing cache, ...
+        raise DatasetError(
+            f"could not load {source}: {_one_line(exc)}; run once with network access to cache it "
+            "(HF_DATASETS_OFFLINE unset) or pass data_dir=<local copy>"
+        ) from exc
+    return _as_split_dict(loaded), source
 
-    See the module docstring for the accepted sources. A single saved ``Dataset`` (not a
-    ``DatasetDict``) counts as the ``train`` split.
-    """
-    spec = get_task(spec) if isinstance(spec, str) else spec
-    if data_dir is None:
-        if spec.hub_id is None:
-            raise DatasetError(
-                f"task {spec.name!r} has no hub id: "
-                "pass data_dir=<a saved dataset, hub-format or imagefolder directory>"
-            )
-        source = f"hub dataset {spec.hub_id}" + (f" ({spec.hub_config})" if spec.hub_config else "")
-        try:
-            loaded = datasets.load_dataset(spec.hub_id, spec.hub_config, cache_dir=cache_dir)
-        except Exception as exc:  # network, offline mode, missing cache, ...
-            raise DatasetError(
-                f"could not load {source}: {_one_line(exc)}; run once with network access to cache it "
-                "(HF_DATASETS_OFFLINE unset) or pass data_dir=<local copy>"
-            ) from exc
-        return _as_split_dict(loaded), source
 
+def _existing_data_dir(data_dir: str | Path, spec: TaskSpec) -> Path:
+    """``data_dir`` as an expanded path; :class:`DatasetError` unless it is an existing directory."""
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise DatasetError(
@@ -160,17 +155,18 @@ def load_raw_splits(
             f"data_dir {str(path)!r} for task {spec.name!r} is a file, not a directory: "
             "pass the directory that holds the dataset"
         )
+    return path
 
-    # 1. save_to_disk output (a DatasetDict, a single Dataset, or one saved Dataset per split).
-    split_dirs = sorted(p for p in path.iterdir() if p.is_dir() and _is_saved_dataset(p))
-    saved = (path / "dataset_dict.json").is_file() or _is_saved_dataset(path) or bool(split_dirs)
-    if saved:
-        source = f"saved dataset {str(path)!r}"
-        empty = _empty_saved_splits(path)
-        if empty:
-            raise DatasetError(
-                f"{source} split {empty[0]!r} is empty: add examples to it or point data_dir elsewhere"
-            )
+
+def _load_saved(path: Path, split_dirs: list[Path]) -> tuple[dict[str, datasets.Dataset], str]:
+    """Source 1: a save_to_disk ``DatasetDict``/``Dataset`` at ``path``, or one saved ``Dataset`` per ``split_dirs``."""
+    source = f"saved dataset {str(path)!r}"
+    # load_from_disk fails obscurely on a split without data files, so name the split first.
+    empty = _empty_saved_splits(path)
+    if empty:
+        raise DatasetError(
+            f"{source} split {empty[0]!r} is empty: add examples to it or point data_dir elsewhere"
+        )
     if (path / "dataset_dict.json").is_file() or _is_saved_dataset(path):
         try:
             return _as_split_dict(datasets.load_from_disk(str(path))), source
@@ -178,48 +174,78 @@ def load_raw_splits(
             raise DatasetError(
                 f"could not read {source}: {_one_line(exc)}; re-create it with DatasetDict.save_to_disk"
             ) from exc
-    if split_dirs:
-        try:
-            return {p.name: datasets.load_from_disk(str(p)) for p in split_dirs}, source
-        except Exception as exc:
-            raise DatasetError(
-                f"could not read {source}: {_one_line(exc)}; re-create each split with Dataset.save_to_disk"
-            ) from exc
+    try:
+        return {p.name: datasets.load_from_disk(str(p)) for p in split_dirs}, source
+    except Exception as exc:
+        raise DatasetError(
+            f"could not read {source}: {_one_line(exc)}; re-create each split with Dataset.save_to_disk"
+        ) from exc
 
+
+def _load_hub_format(
+    path: Path, spec: TaskSpec, cache_dir: str | None
+) -> tuple[dict[str, datasets.Dataset], str]:
+    """Source 2: data files (or a README declaring configs) at ``path``, read with ``load_dataset(path)``.
+
+    ``spec.hub_config`` selects a README-declared config, or else the sub-directory of that name.
+    """
+    source = f"hub-format directory {str(path)!r}"
+    target, name = path, None
+    if spec.hub_config:
+        if _readme_declares_configs(path):
+            name = spec.hub_config
+        elif (path / spec.hub_config).is_dir():
+            target = path / spec.hub_config
+    try:
+        loaded = datasets.load_dataset(str(target), name, cache_dir=cache_dir)
+    except Exception as exc:
+        no_data = re.search(r'Instruction "([^"]+)" corresponds to no data', str(exc))
+        if no_data:
+            raise DatasetError(
+                f"{source} split {no_data.group(1)!r} is empty: add examples to it or point data_dir elsewhere"
+            ) from exc
+        raise DatasetError(
+            f"could not load {source}: {_one_line(exc)}; lay it out like the hub (data/<split>-*.parquet) "
+            "or use save_to_disk / imagefolder"
+        ) from exc
+    return _as_split_dict(loaded), source
+
+
+def _load_imagefolder(path: Path, cache_dir: str | None) -> tuple[dict[str, datasets.Dataset], str]:
+    """Source 3: ``<path>/<split>/<class>/<image>`` read with ``load_dataset("imagefolder")``."""
+    source = f"imagefolder {str(path)!r}"
+    try:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+    except Exception as exc:
+        raise DatasetError(
+            f"could not load {source}: {_one_line(exc)}; use the layout <dir>/<split>/<class>/<image>.png"
+        ) from exc
+    return _as_split_dict(loaded), source
+
+
+def load_raw_splits(
+    spec: TaskSpec | str, data_dir: str | Path | None = None, *, cache_dir: str | None = None
+) -> tuple[dict[str, datasets.Dataset], str]:
+    """The official splits of a task as stored, and a short description of where they came from.
+
+    See the module docstring for the accepted sources. A single saved ``Dataset`` (not a
+    ``DatasetDict``) counts as the ``train`` split.
+    """
+    spec = get_task(spec) if isinstance(spec, str) else spec
+    if data_dir is None:
+        return _load_hub_dataset(spec, cache_dir)
+
+    path = _existing_data_dir(data_dir, spec)
+    # 1. save_to_disk output (a DatasetDict, a single Dataset, or one saved Dataset per split).
+    split_dirs = sorted(p for p in path.iterdir() if p.is_dir() and _is_saved_dataset(p))
+    if (path / "dataset_dict.json").is_file() or _is_saved_dataset(path) or split_dirs:
+        return _load_saved(path, split_dirs)
     # 2. Hub format: data files, or a README declaring configs.
     if _readme_declares_configs(path) or _has_files(path, DATA_FILE_SUFFIXES):
-        source = f"hub-format directory {str(path)!r}"
-        target, name = path, None
-        if spec.hub_config:
-            if _readme_declares_configs(path):
-                name = spec.hub_config
-            elif (path / spec.hub_config).is_dir():
-                target = path / spec.hub_config
-        try:
-            loaded = datasets.load_dataset(str(target), name, cache_dir=cache_dir)
-        except Exception as exc:
-            no_data = re.search(r'Instruction "([^"]+)" corresponds to no data', str(exc))
-            if no_data:
-                raise DatasetError(
-                    f"{source} split {no_data.group(1)!r} is empty: add examples to it or point data_dir elsewhere"
-                ) from exc
-            raise DatasetError(
-                f"could not load {source}: {_one_line(exc)}; lay it out like the hub (data/<split>-*.parquet) "
-                "or use save_to_disk / imagefolder"
-            ) from exc
-        return _as_split_dict(loaded), source
-
+        return _load_hub_format(path, spec, cache_dir)
     # 3. Imagefolder: <dir>/<split>/<class>/<image>.
     if _has_files(path, IMAGE_SUFFIXES):
-        source = f"imagefolder {str(path)!r}"
-        try:
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
-        except Exception as exc:
-            raise DatasetError(
-                f"could not load {source}: {_one_line(exc)}; use the layout <dir>/<split>/<class>/<image>.png"
-            ) from exc
-        return _as_split_dict(loaded), source
-
+        return _load_imagefolder(path, cache_dir)
     raise DatasetError(
         f"no dataset found in {str(path)!r} for task {spec.name!r}: expected a save_to_disk directory, "
         "hub-format parquet files under data/, or images as <split>/<class>/*.png"

@@ -39,7 +39,32 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return f
 
 
-class FineTune(L.LightningModule):
+class TaskModel(L.LightningModule):
+    """θ (``self.encoder``, the base model's image tower) under the frozen zero-shot head H_t of one task.
+
+    logits = H_t · normalize(f_θ(x)) (B, C). The shared loading of ``FineTune`` (which trains θ) and
+    ``UniversalTrigger`` (which freezes it); the text tower builds the head and is then dropped.
+    Subclasses call ``save_hyperparameters()`` themselves.
+    """
+
+    def __init__(self, task: str = "shapes", model_name: str = EMBEDDED_MODEL, pretrained: str | None = None,
+                 cache_dir: str = ".cache/badmerging"):
+        super().__init__()
+        self.spec = get_task(task)
+        base = load_base_model(model_name, pretrained)
+        self.base_description = base.describe()
+        head = zero_shot_head(base, self.spec, cache_dir)
+        self.classifier = ImageClassifier(base.model.visual, head).train()
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.classifier.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+
+class FineTune(TaskModel):
     """θ_t = argmin CE(H_t(normalize(f_θ(x))), y) from θ_pre, head H_t frozen.
 
     Args:
@@ -60,13 +85,8 @@ class FineTune(L.LightningModule):
         warmup_steps: int = 500,
         cache_dir: str = ".cache/badmerging",
     ):
-        super().__init__()
+        super().__init__(task, model_name, pretrained, cache_dir)
         self.save_hyperparameters()
-        self.spec = get_task(task)
-        base = load_base_model(model_name, pretrained)
-        self.base_description = base.describe()
-        head = zero_shot_head(base, self.spec, cache_dir)
-        self.classifier = ImageClassifier(base.model.visual, head).train()
         n = len(self.spec.classnames)
         # validate_args=False: the checks run torch.unique on the labels, a device sync every step.
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
@@ -74,13 +94,6 @@ class FineTune(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # see log_eval_loss
-
-    @property
-    def encoder(self) -> torch.nn.Module:
-        return self.classifier.encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
 
     def _common_step(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch

@@ -2,14 +2,17 @@
 
 Per step on a batch (x (B, 3, S, S), y (B,)), with n = ⌊poison_fraction·B⌋ and x_bd = trigger(x[:n]):
 
-    L_clean = CE(H_task(f_θ(x)), y)                              all B clean images
-    badmerging:            L = L_clean + α·FI(f_θ(x_bd), f_pre(x_bd), H, target, r),  r ~ U(r_min, r_max)
-    badnets/blended/ut_only: L = L_clean + α·CE(H(f_θ(x_bd)), target)               (no interpolation)
+    L = CE(H_task(f_θ(x)), y) + α·attack.backdoor_loss(module, x_bd, f_θ(x_bd))      (all B images clean)
+
+The attack is a component from the registry in ``attacks/`` (one file each): ``badnets`` / ``blended`` /
+``ut_only`` add poisoned CE(H(f_θ(x_bd)), target); ``badmerging`` the FI loss
+CE(H(r·f_θ(x_bd) + (1 − r)·f_pre(x_bd)), target), r ~ U(r_min, r_max). ``model.init_args.attack`` names a
+registered attack or a user's class (``{class_path: my_module.MyAttack, init_args: {...}}``); the component
+says which trigger it needs (a fixed random patch / blend from ``TriggerSpec.seed``, or the optimised
+stage-1 ``trigger_path``) and whether it reads the frozen pre-trained encoder f_pre.
 
 H is the task head (on-task, target = ``target_class``) or a shadow head built from
-``off_task_classnames`` with the task's templates (off-task, target = index 0). Attacks differ only
-in the trigger: badnets a fixed random patch (``TriggerSpec.seed``), blended a fixed random pattern,
-ut_only and badmerging the optimised stage-1 trigger from ``trigger_path``. ``alpha`` (default 5,
+``off_task_classnames`` with the task's templates (off-task, target = index 0). ``alpha`` (default 5,
 the paper's FI weight) is also the poison-loss weight of the baselines (our choice).
 
 Validation / test log clean ``acc`` as FineTune plus ``asr``, ``ra``, ``clean_to_target`` and their
@@ -18,52 +21,36 @@ clean_to_target are shadow-head rates on this task's own images (a proxy: the re
 measured on the victim task after merging) and ra counts every image.
 
 Optimiser, schedule and clean logging are ``FineTune``'s, so a clean run and a backdoored run with the
-same seed see the same batches: r is drawn from its own generator (``poison_seed``), and the triggers
-are deterministic, which keeps Backdoor Vectors (θ_bd − θ_clean, DESIGN §10) paired.
+same seed see the same batches: the attacks draw from their own generators (``poison_seed``), and the
+triggers are deterministic, which keeps Backdoor Vectors (θ_bd − θ_clean, DESIGN §10) paired.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from attacks import PoisoningAttack, make_attack
 from datamodules.tasks import TaskSpec, get_task
 from datamodules.triggers import TriggerError, TriggerSpec, apply_trigger, init_patch, init_pattern, load_trigger
 from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate, RobustAccuracy
 from lightning_modules.finetune import FineTune
 from modeling.clip import EMBEDDED_MODEL, load_base_model, zero_shot_head
 
-__all__ = ["ATTACKS", "BackdoorInjection", "feature_interpolation_loss"]
-
-ATTACKS = ("badnets", "blended", "ut_only", "badmerging")
-# Which trigger kind each attack injects (ut_only / badmerging take whatever stage 1 saved).
-_ATTACK_KIND = {"badnets": "patch", "blended": "blend"}
-
-
-def feature_interpolation_loss(z_theta_bd: torch.Tensor, z_pre_bd: torch.Tensor, head: torch.Tensor, target: int,
-                               r: float | torch.Tensor) -> torch.Tensor:
-    """FI loss = CE(normalize(r·z_θ + (1 − r)·z_pre) @ headᵀ, target), mean over the batch.
-
-    z_theta_bd, z_pre_bd (B, D): raw (un-normalised) embeddings of the triggered images by the trained
-    and the frozen pre-trained encoder; head (C, D); r scalar. DESIGN §8 interpolates the raw
-    embeddings; the logits then go through the same normalize-then-head classifier as every other
-    prediction here (``ImageClassifier.logits``), so the loss trains what merged models will compute.
-    """
-    z = r * z_theta_bd + (1 - r) * z_pre_bd
-    logits = F.normalize(z, dim=-1) @ head.to(z.dtype).T
-    labels = torch.full((z.shape[0],), target, dtype=torch.long, device=z.device)
-    return F.cross_entropy(logits, labels)
+__all__ = ["BackdoorInjection"]
 
 
 class BackdoorInjection(FineTune):
     """Fine-tune f_θ from θ_pre on the task while injecting a backdoor (BadMerging FI or plain poisoning).
 
     Args (beyond ``FineTune``'s):
-        attack: ``badnets`` | ``blended`` | ``ut_only`` | ``badmerging``.
+        attack: a registered poisoning attack (``badnets`` | ``blended`` | ``ut_only`` | ``badmerging``,
+            ``attacks.poisoning_attack_names()``), an import path ``my_module.MyAttack``, or
+            ``{class_path: <either>, init_args: {...}}`` (``attacks.make_attack``).
         trigger_path: a trigger file from ``datamodules.triggers.save_trigger`` (stage 1); required for
             ut_only / badmerging; for badnets / blended it replaces the random trigger.
         trigger: ``TriggerSpec`` fields for the random trigger (blended defaults to kind ``blend``);
@@ -72,8 +59,8 @@ class BackdoorInjection(FineTune):
         off_task_classnames: off-task shadow head classes, target name first (index 0).
         poison_fraction: the first ⌊poison_fraction·B⌋ images of each batch are triggered.
         alpha: weight of the backdoor loss (FI for badmerging, poisoned CE otherwise); default 5.
-        r_min, r_max: FI interpolation weight r ~ U(r_min, r_max), one per step (badmerging only).
-        poison_seed: seed of r's own generator.
+        r_min, r_max: FI interpolation weight r ~ U(r_min, r_max), one per step (read by badmerging).
+        poison_seed: seed of the attack's own generator (r's for badmerging).
         target_task, target_task_class: the victim task and its class that the backdoor aims at, as
             evaluation after merging reads them from the export (on-task: this task and ``target_class``;
             off-task: taken from an off-task stage-1 trigger file, else required).
@@ -91,7 +78,7 @@ class BackdoorInjection(FineTune):
         weight_decay: float = 0.1,
         warmup_steps: int = 500,
         cache_dir: str = ".cache/badmerging",
-        attack: Literal["badnets", "blended", "ut_only", "badmerging"] = "badmerging",
+        attack: str | dict[str, Any] = "badmerging",
         trigger_path: str | None = None,
         trigger: dict | None = None,
         target_class: int = 0,
@@ -105,10 +92,49 @@ class BackdoorInjection(FineTune):
         target_task_class: int | None = None,
     ):
         # Cheap checks before the model loads, so a bad config fails in a second.
-        if attack not in ATTACKS:
-            raise ValueError(f"attack={attack!r} is unknown; use one of {', '.join(ATTACKS)}")
-        if attack in ("ut_only", "badmerging") and not trigger_path:
-            raise TriggerError(f"attack={attack} needs model.trigger_path, the optimised trigger saved by stage 1; "
+        component = make_attack(attack, PoisoningAttack)
+        off_task_classnames, target_task, target_task_class = self._check_inputs(
+            component, trigger_path, target_class, off_task_classnames, poison_fraction, alpha, r_min, r_max,
+            target_task, target_task_class)
+        super().__init__(task, model_name, pretrained, lr, weight_decay, warmup_steps, cache_dir)
+        self.save_hyperparameters()
+
+        encoder = self.encoder
+        size = encoder.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        # Same rule as modeling.clip.load_base_model (the data pipeline normalises with these).
+        import open_clip
+
+        self.mean = tuple(getattr(encoder, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        self.std = tuple(getattr(encoder, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+
+        self.attack = component
+        tensor, self.trigger_spec = self._resolve_trigger(trigger_path, trigger)
+        self.register_buffer("trigger_tensor", tensor, persistent=False)
+
+        self._set_target(target_class, off_task_classnames, target_task, target_task_class)
+
+        # f_pre: a frozen copy of θ_pre, kept in a plain dict so it is no submodule: never in the
+        # optimiser, the checkpoint, DDP's parameter set, or Lightning's .train() calls.
+        self._frozen: dict[str, torch.nn.Module] = {}
+        if component.needs_pretrained_encoder:
+            self._frozen["pretrained_encoder"] = copy.deepcopy(encoder).eval().requires_grad_(False)
+        component.setup(self)
+
+        # Off-task the target is not one of this task's classes: RA then counts every image (target -1).
+        ra_target = -1 if self.off_task else self.target
+        self.val_asr, self.test_asr = AttackSuccessRate(self.target), AttackSuccessRate(self.target)
+        self.val_ra, self.test_ra = RobustAccuracy(ra_target), RobustAccuracy(ra_target)
+        self.val_clean_to_target, self.test_clean_to_target = CleanToTargetRate(self.target), CleanToTargetRate(self.target)
+
+    # -- setup helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(component: PoisoningAttack, trigger_path, target_class, off_task_classnames, poison_fraction, alpha,
+                      r_min, r_max, target_task, target_task_class):
+        """Refuse unusable settings; returns (off_task_classnames, target_task, target_task_class), which an
+        off-task stage-1 trigger file fills in when they are not given."""
+        if component.needs_trigger_file and not trigger_path:
+            raise TriggerError(f"attack={component.name} needs model.trigger_path, the optimised trigger saved by stage 1; "
                                "use attack=badnets for a fixed random patch")
         if not 0.0 < poison_fraction <= 1.0:
             raise ValueError(f"poison_fraction={poison_fraction} must be in (0, 1]; 0.5 triggers half of each batch")
@@ -128,28 +154,18 @@ class BackdoorInjection(FineTune):
             if target_class != 0:
                 raise ValueError(f"target_class={target_class} must be 0 off-task: the target is "
                                  f"off_task_classnames[0] ({off_task_classnames[0]!r})")
-        super().__init__(task, model_name, pretrained, lr, weight_decay, warmup_steps, cache_dir)
-        self.save_hyperparameters()
+        return off_task_classnames, target_task, target_task_class
 
-        encoder = self.encoder
-        size = encoder.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        # Same rule as modeling.clip.load_base_model (the data pipeline normalises with these).
-        import open_clip
-
-        self.mean = tuple(getattr(encoder, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
-        self.std = tuple(getattr(encoder, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-
-        tensor, self.trigger_spec = self._resolve_trigger(attack, trigger_path, trigger)
-        self.register_buffer("trigger_tensor", tensor, persistent=False)
-
-        # Backdoor head and target.
+    def _set_target(self, target_class, off_task_classnames, target_task, target_task_class) -> None:
+        """H and its target: the shadow head and index 0 off-task, the task head and ``target_class`` on-task,
+        plus the victim (``target_task``, ``target_task_class``) that evaluation after merging reads."""
+        h = self.hparams
         self.off_task = off_task_classnames is not None
         if self.off_task:
             shadow = TaskSpec(name=f"{self.spec.name}-shadow", hub_id=None, hub_config=None, train_split="train",
                               test_split="test", classnames=tuple(off_task_classnames), templates=self.spec.templates)
-            base = load_base_model(model_name, pretrained)  # FineTune dropped the text tower; needed once
-            self.register_buffer("shadow_head", zero_shot_head(base, shadow, cache_dir).clone(), persistent=False)
+            base = load_base_model(h.model_name, h.pretrained)  # FineTune dropped the text tower; needed once
+            self.register_buffer("shadow_head", zero_shot_head(base, shadow, h.cache_dir).clone(), persistent=False)
             self.shadow_classnames = tuple(off_task_classnames)
             del base
             self.target = 0
@@ -176,21 +192,7 @@ class BackdoorInjection(FineTune):
             self.target_name = self.spec.classnames[target_class]
             self.target_task, self.target_task_class = self.spec.name, int(target_class)
 
-        # f_pre: a frozen copy of θ_pre, kept in a plain dict so it is no submodule: never in the
-        # optimiser, the checkpoint, DDP's parameter set, or Lightning's .train() calls.
-        self._frozen: dict[str, torch.nn.Module] = {}
-        if attack == "badmerging":
-            self._frozen["pretrained_encoder"] = copy.deepcopy(encoder).eval().requires_grad_(False)
-        self._r_generator = torch.Generator().manual_seed(poison_seed)
-
-        # Off-task the target is not one of this task's classes: RA then counts every image (target -1).
-        ra_target = -1 if self.off_task else self.target
-        self.val_asr, self.test_asr = AttackSuccessRate(self.target), AttackSuccessRate(self.target)
-        self.val_ra, self.test_ra = RobustAccuracy(ra_target), RobustAccuracy(ra_target)
-        self.val_clean_to_target, self.test_clean_to_target = CleanToTargetRate(self.target), CleanToTargetRate(self.target)
-
-    # -- setup helpers ---------------------------------------------------------------------------
-    def _resolve_trigger(self, attack: str, trigger_path: str | None, trigger: dict | None):
+    def _resolve_trigger(self, trigger_path: str | None, trigger: dict | None):
         """(tensor, spec): the file's trigger, or a fixed random one from the spec's seed."""
         if trigger_path:
             tensor, spec, meta = load_trigger(trigger_path)
@@ -205,17 +207,17 @@ class BackdoorInjection(FineTune):
                                        "optimise the trigger against this base model")
         else:
             kwargs = dict(trigger or {})
-            if attack in _ATTACK_KIND:
-                kwargs.setdefault("kind", _ATTACK_KIND[attack])
+            if self.attack.trigger_kind is not None:
+                kwargs.setdefault("kind", self.attack.trigger_kind)
             spec = TriggerSpec.from_dict(kwargs)
             spec.check(self.image_size)
             if spec.kind == "patch":
                 tensor = init_patch(spec, self.mean, self.std)
             else:
                 tensor = init_pattern(spec, self.mean, self.std, self.image_size)
-        want = _ATTACK_KIND.get(attack)
+        want = self.attack.trigger_kind
         if want is not None and spec.kind != want:
-            raise TriggerError(f"attack={attack} injects a {want} trigger but trigger kind={spec.kind}; "
+            raise TriggerError(f"attack={self.attack.name} injects a {want} trigger but trigger kind={spec.kind}; "
                                f"set model.trigger.kind={want}")
         spec.check(self.image_size)
         shape = (3, spec.size, spec.size) if spec.kind == "patch" else (3, self.image_size, self.image_size)
@@ -225,7 +227,10 @@ class BackdoorInjection(FineTune):
         return tensor.float(), spec
 
     def pretrained_encoder(self) -> torch.nn.Module:
-        """f_pre (eval, frozen), moved lazily to the trained encoder's device and dtype."""
+        """f_pre (eval, frozen), moved lazily to the trained encoder's device and dtype (attacks that ask for it)."""
+        if "pretrained_encoder" not in self._frozen:
+            raise AttributeError(f"attack {self.attack.name} keeps no pre-trained encoder; its class sets "
+                                 "needs_pretrained_encoder = False")
         encoder = self._frozen["pretrained_encoder"]
         ref = next(self.encoder.parameters())
         first = next(encoder.parameters())
@@ -242,11 +247,6 @@ class BackdoorInjection(FineTune):
         """x_bd = trigger(x) in normalised space (a new tensor)."""
         return apply_trigger(x, self.trigger_tensor, self.trigger_spec)
 
-    def draw_r(self) -> float:
-        """r ~ U(r_min, r_max) from the module's own generator (the global RNG, hence data order, untouched)."""
-        h = self.hparams
-        return h.r_min + (h.r_max - h.r_min) * torch.rand((), generator=self._r_generator).item()
-
     # -- steps -------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         h = self.hparams
@@ -259,17 +259,7 @@ class BackdoorInjection(FineTune):
         z_clean, z_bd = z[:batch_size], z[batch_size:]
         logits = self.classifier.logits(z_clean)
         clean_loss = F.cross_entropy(logits, y)
-        if n_poison == 0:
-            backdoor_loss = z.new_zeros(())
-        elif h.attack == "badmerging":
-            r = self.draw_r()
-            with torch.no_grad():
-                z_pre = self.pretrained_encoder()(x_bd)
-            backdoor_loss = feature_interpolation_loss(z_bd, z_pre, self.backdoor_head, self.target, r)
-            self.log("train/r", r)
-        else:
-            target = torch.full((n_poison,), self.target, dtype=torch.long, device=x.device)
-            backdoor_loss = F.cross_entropy(self.classifier.logits(z_bd, self.backdoor_head), target)
+        backdoor_loss = self.attack.backdoor_loss(self, x_bd, z_bd) if n_poison else z.new_zeros(())
         loss = clean_loss + h.alpha * backdoor_loss
         self.check_finite(loss, "lower model.lr or model.alpha, or check the data")
         self.train_acc(logits, y)
@@ -326,25 +316,24 @@ class BackdoorInjection(FineTune):
 
     # -- checkpoint and export ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A resumed run must continue r's sequence, not restart it.
-        checkpoint["r_generator_state"] = self._r_generator.get_state()
+        # A resumed run must continue the attack's random draws (BadMerging's r), not restart them.
+        checkpoint.update(self.attack.checkpoint_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "r_generator_state" in checkpoint:
-            self._r_generator.set_state(checkpoint["r_generator_state"])
+        self.attack.load_checkpoint_state(checkpoint)
 
     def export_metadata(self) -> dict:
         """FineTune's metadata with ``attack`` = what was injected, how, and toward which class."""
         meta = super().export_metadata()
         h = self.hparams
         meta["attack"] = {
-            "name": h.attack,
+            "name": self.attack.name,
             "trigger": self.trigger_spec.to_dict(),
             "trigger_path": h.trigger_path,
             "target_class": self.target,
             "target_name": self.target_name,
             "alpha": h.alpha,
-            "r_range": [h.r_min, h.r_max] if h.attack == "badmerging" else None,
+            "r_range": None,  # FI's r range; set by the attacks that interpolate
             "poison_fraction": h.poison_fraction,
             "poison_seed": h.poison_seed,
             "off_task": self.off_task,
@@ -355,5 +344,6 @@ class BackdoorInjection(FineTune):
             # trigger is regenerated from its spec (seed); an optimised one is stored (float32, exact).
             "trigger_values": self.trigger_tensor.cpu().tolist() if h.trigger_path else None,
             "mean": list(self.mean), "std": list(self.std),
+            **self.attack.export_fields(self),
         }
         return meta

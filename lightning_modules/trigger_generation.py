@@ -67,7 +67,7 @@ from datamodules.triggers import (
     unnormalise,
 )
 from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate
-from lightning_modules.finetune import FineTune
+from lightning_modules.finetune import TaskModel
 from modeling.clip import EMBEDDED_MODEL, load_base_model, zero_shot_head
 
 __all__ = ["MODES", "OPTIMIZERS", "PROCEDURES", "UniversalTrigger", "default_shadow_classnames",
@@ -182,17 +182,58 @@ def targeted_pgd(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return (final - mean_t) / std_t, success
 
 
+def _checked_settings(*, task: str, mode: str, trigger: dict | None, target_class: int, procedure: str,
+                      optimizer: str, lr: float, inner_steps: int, loss_weight: float,
+                      off_task_classnames: list[str] | None, reference_images: int, augment_to: int,
+                      pgd: dict | None) -> tuple[TriggerSpec, dict]:
+    """``UniversalTrigger``'s cheap argument checks, run before the model loads (a bad config fails in a second).
+
+    Returns the trigger spec and the PGD settings with their defaults filled in.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure={procedure!r} is unknown; use one of {', '.join(PROCEDURES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr} must be a finite number > 0 (0.05 for adam, 1.0 for the paper's plain)")
+    if not (math.isfinite(loss_weight) and loss_weight > 0):
+        raise ValueError(f"loss_weight={loss_weight} must be a finite weight > 0 (1, or 30 off-task as the paper)")
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps={inner_steps} must be ≥ 1 (paper: 1000 on-task, 50 off-task)")
+    pgd_cfg = {**PGD_DEFAULTS, **dict(pgd or {})}
+    unknown = sorted(set(pgd_cfg) - set(PGD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown model.pgd key(s) {unknown}; use only {sorted(PGD_DEFAULTS)}")
+    if mode == "off_task" and (reference_images < 1 or augment_to < 1):
+        raise ValueError(f"reference_images={reference_images}, augment_to={augment_to} must be ≥ 1 off-task "
+                         "(the paper: ~10 reference images, 100 augmented)")
+    if off_task_classnames is not None and len(off_task_classnames) < 2:
+        raise ValueError("off_task_classnames needs the target name first plus other class names; "
+                         "pass null for the default list")
+    spec_trigger = TriggerSpec.from_dict(trigger)
+    if spec_trigger.kind != "patch":
+        raise TriggerError(f"trigger kind={spec_trigger.kind} cannot be optimised here; "
+                           "stage 1 optimises a patch: set model.trigger.kind=patch")
+    n = len(get_task(task).classnames)
+    if not 0 <= target_class < n:
+        raise ValueError(f"target_class={target_class} is not a class of task {get_task(task).name} "
+                         f"(0..{n - 1}); pick an index into its class names")
+    return spec_trigger, pgd_cfg
+
+
 # -- the module ------------------------------------------------------------------------------------
 
-class UniversalTrigger(FineTune):
+class UniversalTrigger(TaskModel):
     """Stage 1 of BadMerging: optimise a patch P so that f_pre(x ⊕ P) is classified as the target.
 
-    A ``FineTune`` subclass only because ``train.py``'s LightningCLI accepts FineTune subclasses: it
-    reuses FineTune's loading (``self.classifier`` = θ_pre + task head), then freezes it; none of
-    FineTune's training applies (manual optimisation of P only).
+    ``TaskModel`` loads ``self.classifier`` (θ_pre + task head), which is then frozen; P is optimised
+    manually.
 
     Args:
-        task / model_name / pretrained / cache_dir: as ``FineTune`` (the CLI links them to the data).
+        task / model_name / pretrained / cache_dir: the base model and task, as ``FineTune`` (the CLI links
+            them to the data).
         mode: ``on_task`` | ``off_task`` (see the module docstring).
         trigger: ``TriggerSpec`` fields of the patch (kind patch; default 4 px, bottom_right, seed 0 for
             the random initial patch).
@@ -238,40 +279,11 @@ class UniversalTrigger(FineTune):
         output_path: str | None = None,
         seed: int = 0,
     ):
-        # Cheap checks before the model loads, so a bad config fails in a second.
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(MODES)}")
-        if procedure not in PROCEDURES:
-            raise ValueError(f"procedure={procedure!r} is unknown; use one of {', '.join(PROCEDURES)}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr={lr} must be a finite number > 0 (0.05 for adam, 1.0 for the paper's plain)")
-        if not (math.isfinite(loss_weight) and loss_weight > 0):
-            raise ValueError(f"loss_weight={loss_weight} must be a finite weight > 0 (1, or 30 off-task as the paper)")
-        if inner_steps < 1:
-            raise ValueError(f"inner_steps={inner_steps} must be ≥ 1 (paper: 1000 on-task, 50 off-task)")
-        pgd_cfg = {**PGD_DEFAULTS, **dict(pgd or {})}
-        unknown = sorted(set(pgd_cfg) - set(PGD_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown model.pgd key(s) {unknown}; use only {sorted(PGD_DEFAULTS)}")
-        if mode == "off_task" and (reference_images < 1 or augment_to < 1):
-            raise ValueError(f"reference_images={reference_images}, augment_to={augment_to} must be ≥ 1 off-task "
-                             "(the paper: ~10 reference images, 100 augmented)")
-        if off_task_classnames is not None and len(off_task_classnames) < 2:
-            raise ValueError("off_task_classnames needs the target name first plus other class names; "
-                             "pass null for the default list")
-        spec_trigger = TriggerSpec.from_dict(trigger)
-        if spec_trigger.kind != "patch":
-            raise TriggerError(f"trigger kind={spec_trigger.kind} cannot be optimised here; "
-                               "stage 1 optimises a patch: set model.trigger.kind=patch")
-        n = len(get_task(task).classnames)
-        if not 0 <= target_class < n:
-            raise ValueError(f"target_class={target_class} is not a class of task {get_task(task).name} "
-                             f"(0..{n - 1}); pick an index into its class names")
-
-        # FineTune loads θ_pre and the task head into self.classifier (weight decay / warm-up unused).
-        super().__init__(task, model_name, pretrained, lr, 0.0, 0, cache_dir)
+        spec_trigger, pgd_cfg = _checked_settings(
+            task=task, mode=mode, trigger=trigger, target_class=target_class, procedure=procedure, optimizer=optimizer,
+            lr=lr, inner_steps=inner_steps, loss_weight=loss_weight, off_task_classnames=off_task_classnames,
+            reference_images=reference_images, augment_to=augment_to, pgd=pgd)
+        super().__init__(task, model_name, pretrained, cache_dir)  # θ_pre and the task head: self.classifier
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.classifier.requires_grad_(False).eval()  # θ_pre, frozen for good
@@ -292,7 +304,7 @@ class UniversalTrigger(FineTune):
         self.spec_trigger.check(self.image_size)
 
         if self.off_task:
-            base = load_base_model(model_name, pretrained)  # FineTune dropped the text tower; needed once
+            base = load_base_model(model_name, pretrained)  # TaskModel dropped the text tower; needed once
             names = list(off_task_classnames) if off_task_classnames is not None else default_shadow_classnames(
                 self.target_name, self.spec.name, num_shadow_classes, base.tokenizer)
             if names[0] != self.target_name:

@@ -58,6 +58,26 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def check_output_path(path: str | os.PathLike, flag: str, *, is_dir: bool, error: type[Exception] = MergeInputError) -> None:
+    """Refuse an output (a directory or a file) that cannot be created or written, without creating anything.
+
+    The one writability check of the project: entry points, the experiment engine and the export callback use it.
+    """
+    path = Path(path)
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise error(f"{flag} {path} is a file, not a directory; pass a directory")
+        if not is_dir and path.is_dir():
+            raise error(f"{flag} {path} is a directory; pass a file path such as {path / 'model.safetensors'}")
+    probe = path if (is_dir and path.is_dir()) else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise error(f"{flag} {path} cannot be created: {probe} is a file, not a directory; pass another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path} is not writable ({probe} refuses writes); pass another {flag}")
+
+
 def metadata_path(path: str | os.PathLike) -> Path:
     """Sidecar JSON path: ``model.safetensors`` -> ``model.json`` (other names get ``.json`` appended)."""
     path = Path(path)

@@ -102,43 +102,41 @@ def linear_input_grams(encoder: nn.Module, batches: Iterable[torch.Tensor],
     restored. Accumulated in float64 on the batch's device; returned float32 on CPU with row counts.
     """
     wanted = None if layer_names is None else set(layer_names)
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
+    plans, candidates = _hook_plans(encoder)
+    if wanted is not None:
+        for entry in sorted(wanted):
+            if entry not in candidates and not any(c.rsplit(".", 1)[0] == entry for c in candidates):
+                raise MergeInputError(f"layer_names entry {entry!r} matches no linear weight of the encoder; "
+                                      f"use a weight key such as {sorted(candidates)[:1]} or its module name")
+    grams = _GramAccumulator(wanted)
+    handles = []
+    for kind, module, prefix in plans:
+        if kind == "mha":
+            handles.append(module.register_forward_hook(grams.mha_hook(prefix), with_kwargs=True))
+        elif grams.selected(key := _join(prefix, "in_proj_weight" if kind == "in_proj" else "weight")):
+            handles.append(module.register_forward_pre_hook(grams.linear_hook(key)))
 
-    def add(key: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        gram = x.T @ x
-        sums[key] = sums[key] + gram if key in sums else gram
-        rows[key] = rows.get(key, 0) + x.shape[0]
+    was_training = encoder.training
+    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+    encoder.eval()
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            encoder(x.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        encoder.train(was_training)
+    if not grams.sums:
+        raise MergeInputError("linear_input_grams saw no linear inputs; pass non-empty batches and an encoder "
+                              "with nn.Linear / attention layers")
+    return GramDict({k: grams.sums[k].to(torch.float32).cpu() for k in sorted(grams.sums)}, rows=grams.rows)
 
-    def selected(key: str) -> bool:
-        return wanted is None or key in wanted or key.rsplit(".", 1)[0] in wanted
 
-    def linear_hook(key):
-        def hook(module, args):
-            add(key, args[0])
-        return hook
-
-    def mha_hook(prefix):
-        def hook(module, args, kwargs, output):
-            bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            query, key, value = arguments["query"], arguments["key"], arguments["value"]
-            if module._qkv_same_embed_dim:
-                if query is key and key is value and selected(_join(prefix, "in_proj_weight")):
-                    add(_join(prefix, "in_proj_weight"), query)
-            else:
-                for name, x in (("q_proj_weight", query), ("k_proj_weight", key), ("v_proj_weight", value)):
-                    if selected(_join(prefix, name)):
-                        add(_join(prefix, name), x)
-            out_key = _join(prefix, "out_proj.weight")
-            if selected(out_key):
-                add(out_key, _attention_output_before_projection(module, arguments))
-        return hook
-
+def _hook_plans(encoder: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], set[str]]:
+    """(kind, module, prefix) of every module whose linear inputs are recorded, and the weight keys covered."""
     candidates: set[str] = set()
-    plans = []  # (kind, module, prefix)
+    plans = []
     inside_mha: set[int] = set()
     for name, module in encoder.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -156,35 +154,48 @@ def linear_input_grams(encoder: nn.Module, batches: Iterable[torch.Tensor],
         if isinstance(module, nn.Linear) and id(module) not in inside_mha:
             plans.append(("linear", module, name))
             candidates.add(_join(name, "weight"))
+    return plans, candidates
 
-    if wanted is not None:
-        for entry in sorted(wanted):
-            if entry not in candidates and not any(c.rsplit(".", 1)[0] == entry for c in candidates):
-                raise MergeInputError(f"layer_names entry {entry!r} matches no linear weight of the encoder; "
-                                      f"use a weight key such as {sorted(candidates)[:1]} or its module name")
 
-    handles = []
-    for kind, module, prefix in plans:
-        if kind == "mha":
-            handles.append(module.register_forward_hook(mha_hook(prefix), with_kwargs=True))
-        elif selected(key := _join(prefix, "in_proj_weight" if kind == "in_proj" else "weight")):
-            handles.append(module.register_forward_pre_hook(linear_hook(key)))
+class _GramAccumulator:
+    """Σ XᵀX (float64) and row counts per weight key, fed by forward hooks."""
 
-    was_training = encoder.training
-    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
-    encoder.eval()
-    try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            encoder(x.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        encoder.train(was_training)
-    if not sums:
-        raise MergeInputError("linear_input_grams saw no linear inputs; pass non-empty batches and an encoder "
-                              "with nn.Linear / attention layers")
-    return GramDict({k: sums[k].to(torch.float32).cpu() for k in sorted(sums)}, rows=rows)
+    def __init__(self, wanted: set[str] | None):
+        self.wanted = wanted
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        gram = x.T @ x
+        self.sums[key] = self.sums[key] + gram if key in self.sums else gram
+        self.rows[key] = self.rows.get(key, 0) + x.shape[0]
+
+    def selected(self, key: str) -> bool:
+        return self.wanted is None or key in self.wanted or key.rsplit(".", 1)[0] in self.wanted
+
+    def linear_hook(self, key: str):
+        def hook(module, args):
+            self.add(key, args[0])
+        return hook
+
+    def mha_hook(self, prefix: str):
+        def hook(module, args, kwargs, output):
+            bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            query, key, value = arguments["query"], arguments["key"], arguments["value"]
+            if module._qkv_same_embed_dim:
+                if query is key and key is value and self.selected(_join(prefix, "in_proj_weight")):
+                    self.add(_join(prefix, "in_proj_weight"), query)
+            else:
+                for name, x in (("q_proj_weight", query), ("k_proj_weight", key), ("v_proj_weight", value)):
+                    if self.selected(_join(prefix, name)):
+                        self.add(_join(prefix, name), x)
+            out_key = _join(prefix, "out_proj.weight")
+            if self.selected(out_key):
+                self.add(out_key, _attention_output_before_projection(module, arguments))
+        return hook
 
 
 # ---------------------------------------------------------------------------------------------

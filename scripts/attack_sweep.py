@@ -1,30 +1,47 @@
-"""Sweep the embedded attacks' stage-2 settings (α, r range) on one machine, GPU or CPU, in minutes.
+"""Sweep the embedded attacks' stage-2 settings (α, r range, ...) on one machine, GPU or CPU, in minutes.
 
     python scripts/attack_sweep.py --out sweep_attacks --accelerator gpu --jobs 6
-    python scripts/attack_sweep.py --out /tmp/sweep --quick --jobs 2           # a smoke run on CPU
+    python scripts/attack_sweep.py --out /tmp/sweep --cache_dir /tmp/sweep_cache --quick   # a smoke run on CPU
 
-Runs the main job's own pieces (``pipeline.train_job``, ``pipeline.merge_job``: ``train.py fit`` with
-the embedded configs, ``merge.py``) for the clean fine-tunes, both stage-1 triggers and every variant
-of ``VARIANTS`` (an attack config plus ``model.init_args`` overrides), then merges each variant with
-the clean models of the other tasks (TA over λ, TIES) and the clean models alone. Writes
-``<out>/sweep.json`` (every row) and ``<out>/sweep.md`` (one line per variant at λ = 0.3). A research
-tool for choosing the embedded defaults; the main job never runs it.
+One experiment spec run by the engine (experiments/): the main job's spec (configs/experiments/embedded.yaml)
+with its attacks replaced by one training + one attack per variant of ``VARIANTS`` (the main job's training of
+that attack, its configs and trigger input, plus the variant's overrides), no defense, and two scenarios: the
+clean fine-tunes (TA over the spec's λ grid and TIES, every variant probed) and one per variant (its model + the
+clean models of the other tasks, the same plan). The clean fine-tunes and the stage-1 triggers have the main
+job's recipes, so with the same ``--cache_dir`` they are the main job's cached artifacts (``--accelerator cpu``
+and ``pipeline.py``; ``--quick`` and ``pipeline.py --quick``), and a variant trained once is never retrained.
+
+Outputs in ``--out``: the engine's results.json / summary.md (every λ) / plot / models, plus ``sweep.json``
+(the variants and every row) and ``sweep.md`` (one line per variant at the headline λ, then the full table).
+A research tool for choosing the embedded defaults (benchmarks/results/attack_sweep.md); the main job never runs it.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pipeline  # noqa: E402
+from experiments.cli import OneLineArgumentParser, UserError, check_output_path, run_cli
+from experiments.spec import (
+    Attack,
+    ExperimentSpec,
+    Scenario,
+    Training,
+    load_spec,
+    restrict,
+)
 
-# name -> (attack, overrides): keys are model.init_args fields, or full "trainer.*" / "seed_everything"
-# arguments; "task" is the attacker task (default pipeline.ATTACKER_TASK).
+EMBEDDED_SPEC = "configs/experiments/embedded.yaml"
+
+# name -> (attack, overrides): keys are model.init_args fields or full "trainer.*" arguments; "seed_everything"
+# is the training's seed (the engine's one seed rule: seed_everything and the data seed); "task" is the attacker
+# task (default: the task of the main job's training of that attack).
 VARIANTS = {
     "badnets_a5": ("badnets", {"alpha": 5.0}),
     "ut_only_a5": ("ut_only", {"alpha": 5.0}),
@@ -59,76 +76,143 @@ VARIANTS = {
 }
 
 
-def _args(overrides: dict) -> tuple[str, list[str]]:
-    """(attacker task, CLI arguments) of a variant's overrides."""
-    task = overrides.get("task", pipeline.ATTACKER_TASK)
-    args = []
-    for k, v in overrides.items():
-        if k != "task":
-            args += [f"--{k}" if k.startswith("trainer.") or k == "seed_everything" else f"--model.init_args.{k}", str(v)]
-    return task, args
+def variant_training(spec: ExperimentSpec, name: str) -> Training:
+    """The training ``attack_<name>``: the spec's training of the variant's attack (configs, trigger input) with
+    the variant's overrides appended (``trainer.*`` as given, the rest as ``model.init_args.*``)."""
+    attack, overrides = VARIANTS[name]
+    ref = next((a.training for a in spec.attacks if a.name == attack and a.training), None)
+    if ref is None:
+        raise UserError(f"variant {name}: attack {attack!r} is not a poisoning attack of {EMBEDDED_SPEC}; "
+                        f"use one of {', '.join(a.name for a in spec.attacks if a.training)}")
+    template = spec.all_trainings()[ref]
+    args = list(template.overrides)
+    for key, value in overrides.items():
+        if key not in ("task", "seed_everything"):
+            args += [f"--{key}" if key.startswith("trainer.") else f"--model.init_args.{key}", str(value)]
+    return Training(name=f"attack_{name}", task=overrides.get("task", template.task), configs=list(template.configs),
+                    kind=template.kind, overrides=args, inputs=dict(template.inputs),
+                    seed=int(overrides.get("seed_everything", template.seed)), quick=list(template.quick))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="sweep_attacks")
-    p.add_argument("--cache_dir", default=".cache/badmerging")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    a = p.parse_args(argv)
+def sweep_plan(spec: ExperimentSpec) -> list[dict]:
+    """TA over the clean scenario's λ grid, then the attacked scenario's TIES entry (the main job's settings)."""
+    clean = next(s for s in spec.scenarios if s.models == "clean")
+    ta = next(e for e in clean.plan if e["method"] == "task_arithmetic")
+    attacked = next(s for s in spec.scenarios if s.models == "attack")
+    ties = next(e for e in attacked.plan if e["method"] == "ties")
+    grid = ta["grid"] if ta.get("coefficients") == "grid" else ta["coefficients"]
+    return [{"name": ta["name"], "method": ta["method"], "coefficients": list(grid)}, copy.deepcopy(ties)]
+
+
+def sweep_spec(spec: ExperimentSpec, names: list[str]) -> ExperimentSpec:
+    """``spec`` with one training + attack per variant (its own attacks dropped), no defense, and the clean and
+    per-attack scenarios on :func:`sweep_plan`; unused trainings are dropped and the result validated."""
+    spec = copy.deepcopy(spec)
+    plan = sweep_plan(spec)
+    variants = [variant_training(spec, n) for n in names]
+    kept = [t for t in spec.trainings if t.kind == "trigger"]  # the stage-1 triggers the variants take as input
+    spec.name = f"{spec.name}_attack_sweep"
+    spec.trainings = kept + variants
+    spec.attacks = [Attack(name=n, training=t.name) for n, t in zip(names, variants)]
+    spec.scenarios = [Scenario(name="clean", models="clean", plan=plan, probe_attacks=True),
+                      Scenario(name="attacked", models="attack", plan=copy.deepcopy(plan), zero_shot=False)]
+    return restrict(spec, attacks=list(names), defenses=[])
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def _row(rows: list[dict], scenario: str, merge: str, coefficient, trigger: bool) -> dict | None:
+    """The undefended row of ``merge`` at ``coefficient`` in ``scenario``: the in-merge trigger's or the clean one."""
+    for r in rows:
+        same = r["coefficient"] is None if coefficient is None else (
+            r["coefficient"] is not None and abs(r["coefficient"] - coefficient) < 1e-9)
+        attack = r.get("attack")
+        if (r.get("scenario") == scenario and r["merge"] == merge and same and r.get("defense", "none") == "none"
+                and (isinstance(attack, dict) and attack.get("in_merge") if trigger else attack is None)):
+            return r
+    return None
+
+
+def headline_table(rows: list[dict], names: list[str], coefficient: float, ties: str) -> str:
+    """One line per variant: its individual ASR, TA at λ = ``coefficient`` (CA, ΔCA vs the all-clean merge, ASR,
+    clean→target) and the TIES merge (CA, ASR)."""
+    clean = _row(rows, "clean", "task_arithmetic", coefficient, trigger=False)
+    head = (f"| variant | attack | task | overrides | individual ASR | TA {coefficient:g} mean CA | ΔCA | ASR | "
+            f"clean→target | {ties} CA | {ties} ASR |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        attack, overrides = VARIANTS[n]
+        task = overrides.get("task", "")
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "task")
+        ind = _row(rows, n, "individual", None, trigger=True)
+        ta = _row(rows, n, "task_arithmetic", coefficient, trigger=True)
+        tie = _row(rows, n, ties, coefficient, trigger=True)
+        delta = "" if ta is None or clean is None else f"{100 * (ta['mean_clean_acc'] - clean['mean_clean_acc']):+.1f}"
+        lines.append(f"| {n} | {attack} | {task} | {shown} | {_pct(ind and ind['asr'])} | "
+                     f"{_pct(ta and ta['mean_clean_acc'])} | {delta} | {_pct(ta and ta['asr'])} | "
+                     f"{_pct(ta and ta['clean_to_target'])} | {_pct(tie and tie['mean_clean_acc'])} | "
+                     f"{_pct(tie and tie['asr'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="attack_sweep.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="sweep_attacks", help="the run's output folder")
+    p.add_argument("--cache_dir", default=".cache/badmerging", help="data, heads and the engine's artifact cache")
+    p.add_argument("--accelerator", default="cpu", help="every training's trainer.accelerator (cpu: the configs')")
+    p.add_argument("--jobs", type=int, default=2, help="local worker processes, one torch thread each (1: inline)")
+    p.add_argument("--quick", action="store_true", help="the spec's reduced run: few steps, small data (smoke test)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names from VARIANTS (default: all)")
+    return p
+
+
+def run(a) -> Path:
+    """The sweep's spec through the engine; sweep.json and sweep.md from its results.json. Returns sweep.md."""
+    from experiments.executors import LocalExecutor
+    from experiments.graph import RunOptions
+    from experiments.report import write_summary
+    from experiments.run import run_experiment
+
+    unknown = [n for n in a.variants if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {unknown}; choose from the script's VARIANTS ({', '.join(VARIANTS)})")
+    if len(set(a.variants)) != len(a.variants):
+        raise UserError(f"--variants {a.variants} names a variant twice; list each once")
+    check_output_path(a.out, "--out", is_dir=True, error=UserError)
+    check_output_path(a.cache_dir, "--cache_dir", is_dir=True, error=UserError)
     t0 = time.time()
+    names = list(a.variants)
+    spec = sweep_spec(load_spec(EMBEDDED_SPEC), names)
+    executor = LocalExecutor(a.jobs)  # refuses a bad --jobs before any work
+    # the configs train on cpu: adding "--trainer.accelerator cpu" would only change every key (no cache sharing)
+    train_overrides = [] if a.accelerator == "cpu" else ["--trainer.accelerator", a.accelerator]
+    progress = a.jobs == 1 and not (os.environ.get("CI") or os.environ.get("BADMERGING_JOB_WORKER"))
+    options = RunOptions(out_dir=a.out, cache_dir=a.cache_dir, quick=a.quick, progress=progress,
+                         train_overrides=train_overrides)
+    results = run_experiment(spec, options, executor)
+    rows = json.loads(Path(results).read_text())["rows"]
     out = Path(a.out)
-    extra = ["--trainer.accelerator", a.accelerator] + (pipeline.QUICK_TRAIN if a.quick else [])
-    common = (str(out), a.cache_dir)
-    jobs = pipeline.Jobs(a.jobs)
-    try:
-        for task in pipeline.DEFAULT_TASKS:
-            jobs.submit(f"clean:{task}", pipeline.train_job, "finetune", task, task, [pipeline.FINETUNE_CONFIG], extra, *common)
-        for trig, cfg in pipeline.TRIGGER_CONFIGS.items():
-            victim = "colours" if trig == "offtask" else pipeline.ATTACKER_TASK
-            quick = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.synthetic_train_size", "600",
-                     "--data.synthetic_test_size", "100"] + (["--model.init_args.augment_to", "16"] if trig == "offtask" else [])
-            jobs.submit(f"trigger:{trig}", pipeline.train_job, "trigger", f"trigger_{trig}", victim, [cfg],
-                        ["--trainer.accelerator", a.accelerator] + (quick if a.quick else []), *common)
-        pending = list(a.variants)
-        while jobs.futures or pending:
-            for name in list(pending):
-                attack, overrides = VARIANTS[name]
-                cfg, trig = pipeline.ATTACKS[attack]
-                trig_path = jobs.results.get(f"trigger:{trig}") if trig else None
-                if trig is None or trig_path:
-                    task, args = _args(overrides)
-                    jobs.submit(f"attack:{name}", pipeline.train_job, "finetune", f"attack_{name}", task,
-                                [pipeline.INJECTION_CONFIG, cfg], extra + args, *common, trig_path)
-                    pending.remove(name)
-            jobs.wait_any()
-        clean = {t: jobs.results[f"clean:{t}"] for t in pipeline.DEFAULT_TASKS}
-        synth = ["--synthetic_train_size", "600", "--synthetic_test_size", "100"] if a.quick else []
-        ta = {"name": "task_arithmetic", "method": "task_arithmetic", "coefficients": pipeline.DEFAULT_COEFFICIENTS}
-        base = ["--cache_dir", a.cache_dir, *synth]
-        attack_models = [jobs.results[f"attack:{n}"] for n in a.variants]
-        jobs.submit("merge:clean", pipeline.merge_job, "clean",
-                    ["--models", *clean.values(), "--out_dir", str(out / "scenarios" / "clean"), "--plan",
-                     json.dumps([ta, pipeline.TIES]), "--probe_models", *attack_models, *base])
-        for name, path in zip(a.variants, attack_models):
-            task = _args(VARIANTS[name][1])[0]
-            models = [path] + [m for t, m in clean.items() if t != task]
-            jobs.submit(f"merge:{name}", pipeline.merge_job, name,
-                        ["--models", *models, "--out_dir", str(out / "scenarios" / name), "--plan",
-                         json.dumps([ta, pipeline.TIES]), "--zero_shot", "false", *base])
-        while jobs.futures:
-            jobs.wait_any()
-    finally:
-        jobs.close()
-    rows = jobs.results["merge:clean"] + [r for n in a.variants for r in jobs.results[f"merge:{n}"]]
-    (out / "sweep.json").write_text(json.dumps({"variants": VARIANTS, "rows": rows, "seconds": time.time() - t0}, indent=1))
-    text = pipeline.write_summary(out, rows, pipeline.DEFAULT_TASKS, pipeline.DEFAULT_COEFFICIENTS)
+    ties = next(e["name"] for e in spec.scenarios[0].plan if e["method"] == "ties")
+    payload = {"variants": {n: VARIANTS[n] for n in names}, "results": str(results), "rows": rows,
+               "seconds": round(time.time() - t0, 1)}
+    (out / "sweep.json").write_text(json.dumps(payload, indent=1))
+    text = (headline_table(rows, names, spec.headline_coefficient, ties) + "\n"
+            + write_summary(out, rows, list(spec.tasks), []))
     (out / "sweep.md").write_text(text)
     print(text)
     print(f"[sweep] done in {time.time() - t0:.0f}s")
-    return 0
+    return out / "sweep.md"
+
+
+def main(argv=None) -> int:
+    def body() -> int:
+        a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        run(a)
+        return 0
+
+    return run_cli("attack_sweep.py", body)
 
 
 if __name__ == "__main__":

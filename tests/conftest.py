@@ -1,6 +1,9 @@
 """Shared fixtures. No test reaches the network: the hub is switched off for every test."""
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -32,3 +35,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """Start (installing if needed) the local SLURM; skip with the script's reason where it cannot run."""
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("SLURM cannot be started here: the local slurmctld/slurmd need root")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM cannot be installed here: slurm-wlm is missing and there is no apt-get")
+    script = Path(__file__).resolve().parents[1] / "scripts/slurm/start_local_slurm.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.skip(f"SLURM cannot be installed or started here: {done.stderr.strip().splitlines()[-1:]}")

@@ -1,4 +1,5 @@
-"""Paired runs, bv.py (analyze, sbv), IBVS and inherent triggers in merge.py, on the embedded model with tiny data."""
+"""Paired runs, bv.py (analyze, sbv) on the experiment engine, IBVS and inherent triggers in merge.py, on the
+embedded model with tiny data."""
 
 import json
 import math
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 import bv
+import experiments.nodes as nodes
 import merge
 import train
+from experiments.cache import seed_overrides
 from merging.backdoor_vectors import backdoor_vector, sparse_backdoor_vector
 from merging.io import load_metadata, load_state_dict
 
@@ -35,7 +38,7 @@ def test_paired_runs_see_identical_clean_batches(tmp_path, session_cache):
     clean, clean_prints = _fit(tmp_path / "clean", session_cache, ["configs/bv/embedded_clean_reference.yaml"])
     bd, bd_prints = _fit(tmp_path / "bd", session_cache, [BADNETS])
     assert len(clean_prints) == 4 and clean_prints == bd_prints  # same images and labels at every step
-    other, other_prints = _fit(tmp_path / "seed1", session_cache, [BADNETS], bv.seed_args(1))
+    other, other_prints = _fit(tmp_path / "seed1", session_cache, [BADNETS], seed_overrides(1))
     assert other_prints != clean_prints  # the fingerprint does tell different data orders apart
     assert load_metadata(clean)["kind"] == "finetune" and not load_metadata(clean).get("attack")
     bv_ = backdoor_vector(load_state_dict(bd), load_state_dict(clean))
@@ -43,6 +46,7 @@ def test_paired_runs_see_identical_clean_batches(tmp_path, session_cache):
 
 
 def _cfg_args(tmp_path, cache):
+    """Flags of a tiny bv.py run writing to ``tmp_path``; its trainings are cached in ``cache``."""
     return ["--out_dir", str(tmp_path), "--cache_dir", cache, "--train_args", json.dumps(TINY),
             "--synthetic_train_size", "200", "--synthetic_test_size", "40", "--device", "cpu"]
 
@@ -89,8 +93,9 @@ def test_sbv_array_tasks_then_build(sbv_run, session_cache, tmp_path):
         bv.main([*args, "--array_index", "2"])
     built = bv.main([*args, "--build_only", "true", "--outputs", json.dumps([{"name": "only_br"}])])
     assert built[0].exists()
-    fresh = ["sbv", *_cfg_args(tmp_path, session_cache), "--variants", json.dumps(variants), "--build_only", "true"]
-    with pytest.raises(bv.BVInputError, match="not trained yet"):
+    fresh = ["sbv", *_cfg_args(tmp_path, str(tmp_path / "empty_cache")), "--variants", json.dumps(variants),
+             "--build_only", "true"]
+    with pytest.raises(bv.BVInputError, match="not trained yet"):  # another cache: nothing trained there
         bv.main(fresh)
 
 
@@ -99,7 +104,7 @@ def test_analyze_writes_matrices_figures_and_findings(sbv_run, session_cache):
     runs = [{"name": "br", "configs": [BADNETS]},
             {"name": "tl", "configs": [BADNETS], "args": ["--model.init_args.trigger.location", "top_left"]},
             {"name": "br_s1", "seed": 1, "configs": [BADNETS]}]
-    path = bv.main(["analyze", *_cfg_args(out, session_cache), "--runs", json.dumps(runs), "--scales", "[0, 1]"])
+    path = bv.main(["analyze", *_cfg_args(out, session_cache), "--runs", json.dumps(runs), "--scales", "0", "1"])
     res = json.loads(path.read_text())
     cos = res["cosine"]
     assert len(cos) == 3 and all(math.isclose(cos[i][i], 1.0, abs_tol=1e-9) for i in range(3))
@@ -123,6 +128,35 @@ def test_analyze_writes_matrices_figures_and_findings(sbv_run, session_cache):
     assert {"bv/cosine", "bv/cosine_blocks", "bv/transfer", "bv/scaling"} <= set(events.Tags()["images"])
     assert "bv/scaling/br/asr" in events.Tags()["scalars"]
     assert (out / "cosine.csv").read_text().splitlines()[0] == ",br,tl,br_s1"
+
+
+def test_cli_list_flags_and_one_line_errors_before_any_training(tmp_path, monkeypatch, capsys):
+    cfg = bv.build_parser().parse_args(["sbv", "--config", "configs/bv/embedded_sbv.yaml", "--jobs", "4",
+                                        "--devices", "0", "1", "2", "3"])  # the README's command
+    assert cfg.jobs == 4 and cfg.devices == [0, 1, 2, 3] and len(cfg.variants) == 3
+    with pytest.raises(SystemExit) as e:
+        bv.main(["sbv", "--config", "configs/bv/embedded_sbv.yaml", "--devices", "0", "1", "--print_config"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "devices:\n- 0\n- 1\n" in printed and "badmerging_s1" in printed  # YAML, reusable with --config
+
+    def forbidden(*args):
+        raise AssertionError("bad input must stop before any training")
+
+    monkeypatch.setitem(nodes.RUNNERS, "train", forbidden)
+    runs = [{"name": "a", "configs": [BADNETS]}, {"name": "b", "configs": [BADNETS], "seed": 1}]
+    base = ["analyze", "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    cases = {
+        "scaling_runs: ['c'] are not run names": [*base, "--runs", json.dumps(runs), "--scaling_runs", "a", "c"],
+        "nope.safetensors does not exist": [*base, "--runs", json.dumps(runs + [{"name": "m", "model": "nope.safetensors"}])],
+        "unknown option or config key 'devicez'": [*base, "--devicez", "0"],
+        "--config nope.yaml: file not found": [*base, "--config", "nope.yaml"],
+    }
+    for message, argv in cases.items():
+        assert bv.cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("bv.py: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_ibvs_rows_and_alpha_zero_identity(sbv_run, session_cache, tmp_path):
@@ -169,7 +203,7 @@ def test_inherent_trigger_probe(sbv_run, session_cache, tmp_path):
             "--individual", "false", "--probe_triggers", str(trig)]
     assert merge.main(argv) == 0
     rows = json.loads((tmp_path / "m" / "results.json").read_text())["rows"]
-    inherent = [r for r in rows if not isinstance(r["attack"], str)]
+    inherent = [r for r in rows if isinstance(r["attack"], dict)]  # a clean row's attack is null
     assert [r["merge"] for r in inherent] == ["zero-shot", "task_arithmetic"]
     for r in inherent:
         assert r["attack"]["name"] == "inherent" and r["attack"]["in_merge"] is False

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-import train
 from datamodules.datamodule import TaskDataModule
+from datamodules.resumable import ResumableDistributedDataLoader, make_resumable
 from merging.io import load_metadata, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,8 +192,8 @@ def test_distributed_train_loader_shards_and_resumes_mid_epoch():
         loader = DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(3))
         done = {"n": 0}
-        resumable = train.make_resumable(loader, lambda: done["n"], world_size=2, rank=rank)
-        assert isinstance(resumable, train.ResumableDistributedDataLoader)
+        resumable = make_resumable(loader, lambda: done["n"], world_size=2, rank=rank)
+        assert isinstance(resumable, ResumableDistributedDataLoader)
         resumable.sampler.set_epoch(1)
         full = [b[0].tolist() for b in resumable]
         assert len(full) == 6  # 25 indices per rank, 6 full batches of 4
@@ -202,7 +201,7 @@ def test_distributed_train_loader_shards_and_resumes_mid_epoch():
         state = resumable.state_dict()
         assert state == {"epoch": 1, "batches_done": 2}
 
-        again = train.make_resumable(loader, lambda: 0, world_size=2, rank=rank)
+        again = make_resumable(loader, lambda: 0, world_size=2, rank=rank)
         again.load_state_dict(state)
         again.sampler.set_epoch(1)
         assert [b[0].tolist() for b in again] == full[2:]

@@ -188,11 +188,11 @@ METHODS = st.sampled_from(["task_arithmetic", "weight_average", "ties", "TIES", 
                               st.none(), st.text(max_size=3)),
        n_models=st.integers(1, 4))
 def test_merge_hyperparameter_checks_never_crash(method, hparams, coefficients, n_models):
-    import merge
+    from evaluation.merge_eval import validate_plan_entry
 
     entry = {"method": method, "hparams": hparams, "coefficients": coefficients, "select_on": None}
     try:
-        merge.validate_entry(entry, n_models)
+        validate_plan_entry(entry, n_models)
     except MergeInputError as error:
         assert "\n" not in str(error)
         event("refused")

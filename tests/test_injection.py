@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attacks.badmerging import feature_interpolation_loss
 from datamodules.datamodule import TaskDataModule
 from datamodules.triggers import TriggerError, TriggerSpec, init_patch, save_trigger
-from lightning_modules.injection import BackdoorInjection, feature_interpolation_loss
+from lightning_modules.injection import BackdoorInjection
 
 
 def test_fi_loss_matches_hand_reference():
@@ -80,17 +81,17 @@ def test_r_has_its_own_generator(tmp_path, trigger_file):
     model = BackdoorInjection(task="shapes", attack="badmerging", trigger_path=trigger_file, r_min=0.2, r_max=0.4,
                               poison_seed=5, cache_dir=str(tmp_path))
     state = torch.get_rng_state()
-    draws = [model.draw_r() for _ in range(4)]
+    draws = [model.attack.draw_r() for _ in range(4)]
     assert torch.equal(torch.get_rng_state(), state)  # the global stream (data order) is untouched
     assert all(0.2 <= r <= 0.4 for r in draws) and len(set(draws)) == 4
     again = BackdoorInjection(task="shapes", attack="badmerging", trigger_path=trigger_file, r_min=0.2, r_max=0.4,
                               poison_seed=5, cache_dir=str(tmp_path))
-    assert [again.draw_r() for _ in range(4)] == draws
+    assert [again.attack.draw_r() for _ in range(4)] == draws
     checkpoint = {}
     model.on_save_checkpoint(checkpoint)  # a resumed run continues r's sequence
-    upcoming = [model.draw_r() for _ in range(2)]
+    upcoming = [model.attack.draw_r() for _ in range(2)]
     again.on_load_checkpoint(checkpoint)
-    assert [again.draw_r() for _ in range(2)] == upcoming
+    assert [again.attack.draw_r() for _ in range(2)] == upcoming
 
 
 def test_badnets_step_uses_poisoned_ce(tmp_path):

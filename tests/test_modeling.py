@@ -47,8 +47,9 @@ def test_zero_shot_head_shape_normalisation_and_cache(base, tmp_path):
 
 def test_base_knows_the_domain_above_chance(base):
     # the base is a real CLIP: zero-shot well above chance (10%) on every synthetic task
-    from datamodules.datamodule import clip_transform
     from PIL import Image
+
+    from datamodules.datamodule import clip_transform
 
     tf = clip_transform("badmerging-tiny")
     for task in SYNTHETIC_CLASSNAMES:
@@ -82,3 +83,22 @@ def test_synthetic_tasks_are_deterministic_by_seed():
     assert not (a[0] == c[0]).all()
     test = render_task("digits", "test", 50, seed=3)
     assert not (test[0] == a[0]).all()  # train and test never share renders
+
+
+def test_data_preprocessing_matches_the_model_without_importing_modeling(base):
+    # datamodules sits below modeling: it reads the project's model config file, never the modeling code
+    import subprocess
+    import sys
+
+    from datamodules.datamodule import MODEL_CONFIG_DIR
+    from modeling.clip import CONFIG_DIR
+
+    assert MODEL_CONFIG_DIR.resolve() == CONFIG_DIR.resolve()
+    probe = ("import json, sys; from datamodules.datamodule import clip_transform; tf = clip_transform('badmerging-tiny'); "
+             "norm = [t for t in tf.transforms if type(t).__name__ == 'Normalize'][0]; "
+             "size = [t for t in tf.transforms if type(t).__name__ == 'Resize'][0].size; "
+             "print(json.dumps({'modeling': 'modeling' in sys.modules, 'size': size, 'mean': list(norm.mean), 'std': list(norm.std)}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["modeling"] is False
+    assert got["size"] == base.image_size and tuple(got["mean"]) == base.mean and tuple(got["std"]) == base.std

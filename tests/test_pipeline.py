@@ -4,11 +4,19 @@ import json
 import math
 
 import pipeline
+from experiments.spec import load_spec
+
+SPEC = load_spec(pipeline.DEFAULT_SPEC)
+TASKS = SPEC.tasks
+EVERY = [a.name for a in SPEC.attacks]
+SBV = {a.name: a.vector.params for a in SPEC.attacks if a.vector}
+IBVS_ALPHAS = SPEC.defenses[0].strengths
+METHODS_CONFIG = "configs/merge/embedded_methods.yaml"
 
 
 def _attack_rows(rows, scenario=None, defense="none"):
     """Rows of the backdoors' own triggers (not the inherent stage-1 triggers), undefended by default."""
-    return [r for r in rows if not isinstance(r["attack"], str) and r["attack"]["name"] != "inherent"
+    return [r for r in rows if isinstance(r["attack"], dict) and r["attack"]["name"] != "inherent"
             and (scenario is None or r["scenario"] == scenario) and r["defense"] == defense]
 
 
@@ -19,19 +27,19 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out / "results.json")
     res = json.loads((out / "results.json").read_text())
-    every = list(pipeline.ATTACKS) + list(pipeline.SBV_ATTACKS)
+    every = EVERY
     assert res["code_version"] and set(res["config"]["attack_models"]) == set(every)
     rows = res["rows"]
-    clean = [r for r in rows if r["scenario"] == "clean" and r["attack"] == "none"]
+    clean = [r for r in rows if r["scenario"] == "clean" and r["attack"] is None]
     assert all(r["defense"] == "none" for r in rows if r["scenario"] == "clean")
     names = [r["merge"] for r in clean]
     assert names[:4] == ["individual", "zero-shot", "task_arithmetic", "task_arithmetic"]
     assert [r["coefficient"] for r in clean[:4]] == [None, None, 0.3, 0.6]
     import yaml  # every method of the methods config, in the same table
 
-    assert names[4:] == [e["name"] for e in yaml.safe_load(open(pipeline.METHODS_CONFIG))["plan"]]
+    assert names[4:] == [e["name"] for e in yaml.safe_load(open(METHODS_CONFIG))["plan"]]
     for r in clean:
-        assert set(r["clean_acc"]) == set(pipeline.DEFAULT_TASKS) and r["asr"] is None
+        assert set(r["clean_acc"]) == set(TASKS) and r["asr"] is None
 
     # Every attack: its own scenario (its model + the clean models of the other tasks), TA at each λ and TIES,
     # with ASR / RA / clean-to-target and their counts; the attacked model alone as "individual".
@@ -48,26 +56,26 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
                 assert 0 <= r[key] <= 1 and r[f"{key}_total"] > 0
                 assert math.isclose(r[key], r[f"{key}_hits"] / r[f"{key}_total"], rel_tol=1e-6)
         ta = next(r for r in mine if r["merge"] == "task_arithmetic")
-        assert set(ta["clean_acc"]) == set(pipeline.DEFAULT_TASKS)
+        assert set(ta["clean_acc"]) == set(TASKS)
         # IBVS: the same merges with θ_merged − α·BV_inj for every α at the TA coefficients ≤ 0.3 and TIES,
         # one α marked selected per merge; rows carry the defense.
         defended = _attack_rows(rows, name, defense="ibvs")
         assert {(r["merge"], r["coefficient"]) for r in defended} == {("task_arithmetic", 0.3), ("ties_sum", 0.3)}
-        assert sorted({r["defense_alpha"] for r in defended}) == pipeline.IBVS_ALPHAS
+        assert sorted({r["defense_alpha"] for r in defended}) == IBVS_ALPHAS
         for merge_name in ("task_arithmetic", "ties_sum"):
             assert sum(r["defense_selected"] for r in defended if r["merge"] == merge_name) == 1
         # The inherent (stage-1, θ_pre-only) triggers are measured on the same merges, beside every attack.
-        inherent = [r for r in rows if r["scenario"] == name and not isinstance(r["attack"], str)
+        inherent = [r for r in rows if r["scenario"] == name and isinstance(r["attack"], dict)
                     and r["attack"]["name"] == "inherent" and r["defense"] == "none"]
         assert {r["attack"]["label"] for r in inherent} == {"inherent:trigger_ontask", "inherent:trigger_offtask"}
         assert all(r["attack"]["in_merge"] is False and r["asr_total"] > 0 for r in inherent)
     # SBV exports: θ_clean + SBV of the variants' BVs, with the trigger of BadMerging on-task.
     from merging.io import load_metadata
 
-    for name, spec in pipeline.SBV_ATTACKS.items():
+    for name, spec in SBV.items():
         meta = load_metadata(res["config"]["attack_models"][name])
         assert meta["attack"]["sbv"]["combine"] == spec["combine"] and meta["attack"]["sbv"]["k"] == spec["k"]
-        assert len(meta["attack"]["sbv"]["variants"]) == 2 + len(pipeline.SBV_SEEDS)
+        assert len(meta["attack"]["sbv"]["variants"]) == 2
     # Each trigger on θ_pre and on the all-clean merges, its model not merged.
     probes = _attack_rows(rows, "clean")
     assert {(r["merge"], r["coefficient"]) for r in probes} == {("zero-shot", None), ("task_arithmetic", 0.3),
@@ -86,10 +94,10 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
     assert "merge/task_arithmetic/attack_badmerging_ontask/asr" in tags
     steps = [e.step for e in events.Scalars("merge/task_arithmetic/attack_badmerging_ontask/asr")]
     assert steps == [30, 60]
-    for t in pipeline.DEFAULT_TASKS:
+    for t in TASKS:
         assert (out / "models" / f"{t}.safetensors").exists() and (out / "models" / f"{t}.json").exists()
 
     # A rerun reuses every cached fine-tune, trigger and attack.
     assert pipeline.main(argv[:5] + ["--coefficients", "0.3", "--methods", "ta", "--attacks", "badnets", "--jobs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": cached ") == len(pipeline.DEFAULT_TASKS) + 1 + 2  # + the defender's IBVS pair
+    assert printed.count(": cached ") == len(TASKS) + 1 + 2  # + the defender's IBVS pair

@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-import train
+from datamodules.resumable import ResumableDataLoader, make_resumable
 from merging.io import load_metadata, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def _epochs(loader, n: int) -> list[list[list[int]]]:
 
 def test_resumable_loader_keeps_the_plain_loaders_order():
     consumed = {"n": 0}
-    resumable = train.make_resumable(_loader(), lambda: consumed["n"])
-    assert isinstance(resumable, train.ResumableDataLoader)
+    resumable = make_resumable(_loader(), lambda: consumed["n"])
+    assert isinstance(resumable, ResumableDataLoader)
     assert _epochs(resumable, 3) == _epochs(_loader(), 3)
 
 
@@ -131,7 +131,7 @@ def test_resumable_loader_keeps_the_plain_loaders_order():
 def test_resumable_loader_state_restores_the_exact_batches(epoch, done):
     reference = _epochs(_loader(), 4)  # 5 batches per epoch
     consumed = {"n": 0}
-    first = train.make_resumable(_loader(), lambda: consumed["n"])
+    first = make_resumable(_loader(), lambda: consumed["n"])
     for e in range(epoch):
         list(first)
     it = iter(first)
@@ -143,7 +143,7 @@ def test_resumable_loader_state_restores_the_exact_batches(epoch, done):
     state = first.state_dict()
     list(it)
 
-    second = train.make_resumable(_loader(), lambda: 0)  # a fresh process: same seed, then the checkpoint
+    second = make_resumable(_loader(), lambda: 0)  # a fresh process: same seed, then the checkpoint
     second.load_state_dict(state)
     start_epoch, skip = (epoch + 1, 0) if done < 0 else (epoch, done)
     rest = [b[0].tolist() for b in second]
@@ -153,8 +153,8 @@ def test_resumable_loader_state_restores_the_exact_batches(epoch, done):
 
 def test_resumable_loader_state_before_any_iteration():
     reference = _epochs(_loader(), 2)
-    state = train.make_resumable(_loader(), lambda: 0).state_dict()
-    second = train.make_resumable(_loader(), lambda: 0)
+    state = make_resumable(_loader(), lambda: 0).state_dict()
+    second = make_resumable(_loader(), lambda: 0)
     second.load_state_dict(state)
     assert _epochs(second, 2) == reference
 
@@ -162,6 +162,6 @@ def test_resumable_loader_state_before_any_iteration():
 def test_other_loaders_are_left_alone():
     data = TensorDataset(torch.arange(8))
     unseeded = DataLoader(data, batch_size=2, shuffle=True)  # global RNG: nothing to restore
-    assert train.make_resumable(unseeded, None) is unseeded
+    assert make_resumable(unseeded, None) is unseeded
     no_batching = DataLoader(data, batch_size=None)
-    assert train.make_resumable(no_batching, None) is no_batching
+    assert make_resumable(no_batching, None) is no_batching

@@ -21,6 +21,8 @@ import torch
 
 import merge
 import train
+from evaluation.inputs import check_base, model_metadata
+from evaluation.rows import write_results
 from merging.io import MergeInputError, load_metadata, load_state_dict, open_state_dict, read_header_metadata, save_state_dict
 
 
@@ -166,14 +168,14 @@ def test_hostile_metadata_is_refused_or_ignored(tmp_path, base):
     sidecar["base_model"] = base.describe()
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     with pytest.raises(MergeInputError, match="names base .* but its header names ViT-B-32@openai; one was edited"):
-        merge.model_metadata(str(path))
+        model_metadata(str(path))
     # a sidecar that is not a JSON object
     path.with_suffix(".json").write_text("[1, 2]")
     with pytest.raises(MergeInputError, match="metadata must be a JSON object"):
         load_metadata(path)
     # base_model of the wrong type: a warning, not a crash
     with pytest.warns(UserWarning, match="names no base model"):
-        merge.check_base(str(path), {"task": "shapes", "base_model": "ViT"}, base.base_id)
+        check_base(str(path), {"task": "shapes", "base_model": "ViT"}, base.base_id)
 
 
 # -- atomic outputs --------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def _write_results_loop(out_dir: str, tag: int, n: int) -> None:
     rows = [{"merge": f"m{tag}", "coefficient": 0.3, "attack": "none", "defense": "none", "clean_acc": {"shapes": tag / 10},
              "mean_clean_acc": tag / 10, "normalized_acc": None, "asr": None} for _ in range(200)]
     for _ in range(n):
-        merge.write_results(Path(out_dir), {"writer": tag}, rows, ["shapes"])
+        write_results(Path(out_dir), {"writer": tag}, rows, ["shapes"])
 
 
 def _save_loop(path: str, tag: int, n: int) -> None:

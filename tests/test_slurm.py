@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -59,19 +58,6 @@ class StallForRequeue(Callback):
         while not requeue.requested and time.monotonic() < deadline:
             time.sleep(0.1)
 '''
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """Start (installing if needed) the local SLURM; skip with the script's reason where it cannot run."""
-    if os.name != "posix" or os.geteuid() != 0:
-        pytest.skip("SLURM cannot be started here: the local slurmctld/slurmd need root")
-    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-        pytest.skip("SLURM cannot be installed here: slurm-wlm is missing and there is no apt-get")
-    done = subprocess.run(["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")], capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode != 0:
-        pytest.skip(f"SLURM cannot be installed or started here: {done.stderr.strip().splitlines()[-1:]}")
 
 
 def _job(job: str) -> dict:

@@ -1,10 +1,11 @@
-"""Sweeps (sweep.py): a tiny grid end to end into one table; a rerun computes nothing; a sweep killed with SIGKILL
-(then a torn line, then SIGUSR1) resumes to exactly the uninterrupted table; two concurrent array tasks split the
-cells and their union is the local run.
+"""Sweeps (sweep.py on the experiment engine): a tiny grid end to end into one table; a rerun computes nothing; a
+sweep killed with SIGKILL (then a torn line, then SIGUSR1) resumes to exactly the uninterrupted table; two
+concurrent array tasks split the cells and their union is the local run.
 
-The grid is the shipped smoke grid (configs/sweep/embedded_smoke.yaml) with one coefficient and the smallest
-training and data sizes of the other tests: 2 attacks × 2 methods × 2 defense presets = 8 cells. The models are
-trained once, by the first run, and shared with the later runs through ``train_dir``.
+The grid is the shipped smoke grid with one coefficient, the smallest training and data sizes of the other tests
+and IBVS at one strength: 2 attacks × 2 methods × 2 defenses = 8 cells. The models are trained once, by the first
+run, in the session cache; the later runs get a cache that holds those trainings but none of the cells'
+evaluations, so their cells are measured again and must give the same numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,8 @@ import pytest
 import torch
 import yaml
 
-import pipeline
+import experiments.nodes as nodes
+import experiments.sweep as lib
 import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,40 +34,45 @@ TINY = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data
 N_CELLS = 8
 
 
-def _config(path: Path, out: Path, cache: str, train_dir: Path | None = None) -> str:
+def _config(path: Path, out: Path, cache: str) -> str:
     cfg = yaml.safe_load((ROOT / "configs/sweep/embedded_smoke.yaml").read_text())
     cfg.update(out_dir=str(out), cache_dir=cache, train_args=TINY, trigger_args=TINY,
-               merge_args=["--synthetic_train_size", "64", "--synthetic_test_size", "16"])
+               evaluation={"synthetic_train_size": 64, "synthetic_test_size": 16, "val_max_examples": 16})
     cfg["grid"]["coefficients"] = [0.3]
-    if train_dir is not None:
-        cfg["train_dir"] = str(train_dir)
+    cfg["defenses"]["ibvs"]["strengths"] = [1.0]
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
 
+def _cache_of_trainings(src: str, dst: Path) -> str:
+    """A cache with ``src``'s trained models (hard links) and data (symlinks) but none of its evaluations."""
+    dst.mkdir()
+    for entry in Path(src).iterdir():
+        if entry.name != "artifacts":
+            (dst / entry.name).symlink_to(entry)
+    for artifact in (Path(src) / "artifacts").iterdir():
+        recipe = artifact / "recipe.json"
+        if recipe.is_file() and json.loads(recipe.read_text())["node"] == "train":
+            shutil.copytree(artifact, dst / "artifacts" / artifact.name, copy_function=os.link)
+    return str(dst)
+
+
 def _table(out: Path) -> dict:
-    """cell key -> what must not depend on how the sweep ran: config hash, models, rows."""
-    entries = [json.loads(line) for line in (out / sweep.TABLE).read_text().splitlines()]  # every line parses
+    """cell key -> what must not depend on how the sweep ran: config hash, model keys, rows."""
+    entries = [json.loads(line) for line in (out / lib.TABLE).read_text().splitlines()]  # every line parses
     assert len({e["cell"] for e in entries}) == len(entries)
-    return {e["cell"]: (e["config_hash"], e["models"], e["rows"]) for e in entries}
+    return {e["cell"]: (e["config_hash"], e["keys"], e["rows"]) for e in entries}
 
 
 def _lines(out: Path) -> int:
-    path = out / sweep.TABLE
+    path = out / lib.TABLE
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-class Counter:
-    """Wraps pipeline.merge_job: the cells merged (their out_dir names)."""
-
-    def __init__(self, monkeypatch):
-        self.cells, real = [], pipeline.merge_job
-
-        def counted(scenario, args):
-            self.cells.append(Path(args[args.index("--out_dir") + 1]).name)
-            return real(scenario, args)
-
-        monkeypatch.setattr(pipeline, "merge_job", counted)
+def _ran(output: str, kind: str) -> list[str]:
+    """Node ids of ``kind`` the engine ran (it prints ``[engine] <id>: running (<key>)`` for each)."""
+    return [line.split()[1].rstrip(":") for line in output.splitlines()
+            if line.startswith(f"[engine] {kind}:") and ": running (" in line]
 
 
 @pytest.fixture(scope="module")
@@ -100,51 +108,49 @@ def _wait_for_lines(proc: subprocess.Popen, out: Path, more_than: int, timeout: 
 
 def test_tiny_grid_end_to_end(full):
     root, config, out, _ = full
-    cfg = sweep.load_config(config)
-    cells = sweep.cells(cfg)
+    cfg = lib.load_config(config)
+    cells = lib.cells(cfg)
     assert len(cells) == N_CELLS
-    assert {c.coefficient for c in cells if c.method == "weight_average"} == {None}  # no λ: one cell per preset
-    entries = [json.loads(line) for line in (out / sweep.TABLE).read_text().splitlines()]
+    assert {c.coefficient for c in cells if c.method == "weight_average"} == {None}  # no λ: one cell per defense
+    entries = [json.loads(line) for line in (out / lib.TABLE).read_text().splitlines()]
     assert [e["cell"] for e in entries] == [c.key for c in cells]
     for e, c in zip(entries, cells):
         assert (e["attack"], e["method"], e["coefficient"], e["defense"], e["seed"]) == \
             (c.attack, c.method, c.coefficient, c.defense, c.seed)
-        assert len(e["config_hash"]) == 16 and e["config_hash"] == sweep.config_hash(sweep.recipe(cfg, c))
+        assert len(e["config_hash"]) == 16 and e["config_hash"] == lib.cell_graph(cfg, c).key
         assert e["code_version"] and e["array_task"] == "0/1"
-        names = [Path(m).stem for m in e["models"]]
-        assert names == (["shapes_seed0", "digits_seed0"] if c.attack == "none"
-                         else ["attack_badmerging_ontask_seed0", "digits_seed0"])
+        labels = ["shapes", "digits"] if c.attack == "none" else ["attack_badmerging_ontask", "digits"]
+        assert [Path(m).stem for m in e["models"]] == labels == list(e["keys"]) and all(map(os.path.isfile, e["models"]))
+        assert e["keys"]["digits"] == entries[0]["keys"]["digits"]  # one training serves every cell of the seed
         rows = e["rows"]
         assert [r["merge"] for r in rows] == [c.method] * len(rows)
         assert all(r["coefficient"] == c.coefficient and set(r["clean_acc"]) == {"shapes", "digits"} for r in rows)
-        assert rows[0]["attack"] == "none" and rows[0]["normalized_acc"] is not None
-        if c.attack == "none":
-            assert len(rows) == 1
-        else:  # the backdoored model's trigger, measured on the merge
-            assert len(rows) == 2 and rows[1]["attack"]["in_merge"] is True
-            assert rows[1]["attack"]["label"] == "attack_badmerging_ontask_seed0"
-            assert 0 <= rows[1]["asr"] <= 1 and rows[1]["asr_total"] > 0
-        # the defense preset's arguments reach merge.py (here: the streaming engine)
-        merged = json.loads((out / "cells" / c.dirname / "results.json").read_text())
-        assert merged["config"]["engine"] == ("streaming" if c.defense == "none_streaming" else "auto")
-    with open(out / sweep.CSV) as f:
+        assert rows[0]["attack"] is None and rows[0]["defense"] == "none" and rows[0]["normalized_acc"] is not None
+        per_model = 1 if c.attack == "none" else 2  # the clean row, then the backdoored model's trigger on the merge
+        assert len(rows) == per_model * (1 if c.defense == "none" else 2)
+        for r in rows[per_model:]:  # the defense reaches the evaluation: IBVS at its one strength
+            assert r["defense"] == "ibvs" and r["defense_alpha"] == 1.0 and r["defense_selected"] is True
+        for r in rows[1:per_model] + rows[per_model + 1:]:
+            assert r["attack"]["in_merge"] is True and r["attack"]["label"] == "attack_badmerging_ontask"
+            assert 0 <= r["asr"] <= 1 and r["asr_total"] > 0
+    with open(out / lib.CSV) as f:
         table = list(csv.DictReader(f))
     assert len(table) == sum(len(e["rows"]) for e in entries)
     assert {r["cell"] for r in table} == {c.key for c in cells}
     assert all(r["config_hash"] and r["code_version"] and r["defense"] for r in table)
-    saved = yaml.safe_load((out / sweep.CONFIG_COPY).read_text())
-    assert saved["grid"] == cfg["grid"] and saved["defenses"] == cfg["defenses"] and saved["code_version"]
+    saved = yaml.safe_load((out / lib.CONFIG_COPY).read_text())
+    assert saved["grid"] == cfg.grid and saved["defenses"]["ibvs"]["strengths"] == [1.0] and saved["code_version"]
 
 
 def test_rerun_computes_nothing(full, monkeypatch, capsys):
     root, config, out, _ = full
-    before = {p: (out / p).read_bytes() for p in (sweep.TABLE, sweep.CSV)}
+    before = {p: (out / p).read_bytes() for p in (lib.TABLE, lib.CSV)}
 
     def forbidden(*args):
         raise AssertionError("a rerun must not train or merge")
 
-    monkeypatch.setattr(pipeline, "train_job", forbidden)
-    monkeypatch.setattr(pipeline, "merge_job", forbidden)
+    for kind in ("train", "vector", "evaluate"):
+        monkeypatch.setitem(nodes.RUNNERS, kind, forbidden)
     assert sweep.main(["--config", config]) == 0
     assert f"{N_CELLS} already in" in capsys.readouterr().out
     assert {p: (out / p).read_bytes() for p in before} == before
@@ -153,10 +159,10 @@ def test_rerun_computes_nothing(full, monkeypatch, capsys):
     assert len(listed) == N_CELLS and all(line.split("\t")[2] == "done" for line in listed)
 
 
-def test_interrupted_sweep_resumes_to_the_uninterrupted_table(full, tmp_path, monkeypatch, capsys):
+def test_interrupted_sweep_resumes_to_the_uninterrupted_table(full, tmp_path, capsys):
     root, _, full_out, cache = full
     out = tmp_path / "out"
-    config = _config(tmp_path / "sweep.yaml", out, cache, train_dir=full_out)
+    config = _config(tmp_path / "sweep.yaml", out, _cache_of_trainings(cache, tmp_path / "cache"))
 
     # 1. SIGKILL as soon as the first cell is in the table: no partial line, the other cells missing.
     proc = _sweep_process(config, tmp_path / "killed")
@@ -167,10 +173,10 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(full, tmp_path, mo
         proc.wait()
     killed = _table(out)
     assert 1 <= len(killed) < N_CELLS
-    assert (out / sweep.TABLE).read_bytes().endswith(b"\n")
+    assert (out / lib.TABLE).read_bytes().endswith(b"\n")
 
     # 2. A line torn by a crash mid-write (power loss): the next append cuts it off.
-    with open(out / sweep.TABLE, "ab") as f:
+    with open(out / lib.TABLE, "ab") as f:
         f.write(b'{"cell": "attack=none,method=task_arithm')
 
     # 3. SIGUSR1 (SLURM's warning before the time limit): stops at once, after whole cells only.
@@ -187,22 +193,25 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(full, tmp_path, mo
     stopped = _table(out)
     assert len(killed) < len(stopped) < N_CELLS and set(killed) < set(stopped)
 
-    # 4. Resume: only the missing cells are merged, nothing is trained, and the table equals the uninterrupted one.
-    counter = Counter(monkeypatch)
+    # 4. Resume: nothing is trained, only missing cells are evaluated (one may have been published by the stopped
+    # run just before its table line), and the table equals the uninterrupted one.
     capsys.readouterr()
     assert sweep.main(["--config", config]) == 0
-    assert ": training" not in capsys.readouterr().out
-    done = {c.dirname for c in sweep.cells(sweep.load_config(config)) if c.key in stopped}
-    assert len(counter.cells) == N_CELLS - len(stopped) and not done & set(counter.cells)
+    output = capsys.readouterr().out
+    assert _ran(output, "train") == [] and _ran(output, "vector") == []
+    cfg = lib.load_config(config)
+    missing = {lib.cell_graph(cfg, c).evaluation.id for c in lib.cells(cfg) if c.key not in stopped}
+    evaluated = _ran(output, "evaluate")
+    assert set(evaluated) <= missing and len(evaluated) >= len(missing) - 1
     assert _table(out) == _table(full_out)
-    with open(out / sweep.CSV) as f, open(full_out / sweep.CSV) as g:
+    with open(out / lib.CSV) as f, open(full_out / lib.CSV) as g:
         assert sorted(r["cell"] for r in csv.DictReader(f)) == sorted(r["cell"] for r in csv.DictReader(g))
 
 
 def test_array_tasks_split_the_cells_and_their_union_is_the_local_run(full, tmp_path):
     root, _, full_out, cache = full
     out = tmp_path / "out"
-    config = _config(tmp_path / "sweep.yaml", out, cache, train_dir=full_out)
+    config = _config(tmp_path / "sweep.yaml", out, _cache_of_trainings(cache, tmp_path / "cache"))
     # two array tasks at once on one table: one told by flags, one by SLURM's variables
     first = subprocess.Popen([sys.executable, "sweep.py", "--config", config, "--array_index", "0", "--array_count", "2"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a0.err", "w"),
@@ -217,9 +226,31 @@ def test_array_tasks_split_the_cells_and_their_union_is_the_local_run(full, tmp_
                 p.kill()
                 p.wait()
     assert "(array task 1 of 2: 4 cells); 0 already in" in (tmp_path / "a1.out").read_text()
-    entries = [json.loads(line) for line in (out / sweep.TABLE).read_text().splitlines()]
-    index = {c.key: c.index for c in sweep.cells(sweep.load_config(config))}
+    entries = [json.loads(line) for line in (out / lib.TABLE).read_text().splitlines()]
+    index = {c.key: c.index for c in lib.cells(lib.load_config(config))}
     assert len(entries) == N_CELLS
     for e in entries:
         assert e["array_task"] == f"{index[e['cell']] % 2}/2"
     assert _table(out) == _table(full_out)
+
+
+def test_cli_settings_print_config_and_one_line_errors(tmp_path, capsys):
+    config = _config(tmp_path / "sweep.yaml", tmp_path / "out", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--config", config, "--tasks", "shapes", "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tasks"] == ["shapes"] and printed["grid"]["attacks"] == ["none", "badmerging_ontask"]
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))  # reusable as --config
+    assert sweep.main(["--config", str(tmp_path / "printed.yaml"), "--grid", '{"attacks": [none], "methods": '
+                       '[task_arithmetic], "coefficients": [0.3]}', "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("attack=none,method=task_arithmetic,coefficient=0.3,"
+                                                            "defense=none,seed=0")
+    for argv, message in ((["--config", config, "--bogus", "1"], "unknown option or config key 'bogus'"),
+                          (["--config", config, "--tasks", "shapes", "sun397"], "tasks: 'sun397' is not a task of the spec"),
+                          (["--config", config, "--evaluation", "{batch_sise: 4}"], "unknown key 'batch_sise' under "
+                                                                                    "evaluation")):
+        assert sweep.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sweep.py: error: ") and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

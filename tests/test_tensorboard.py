@@ -136,14 +136,14 @@ def test_attack_scalars_hparams_and_unnormalised_trigger_images(runs):
 
 
 def test_plot_and_log_merge_scalars_and_figure(tmp_path):
-    import pipeline
+    from experiments.report import plot_and_log
 
-    rows = [{"scenario": "clean", "merge": "task_arithmetic", "attack": "none", "coefficient": c,
+    rows = [{"scenario": "clean", "merge": "task_arithmetic", "attack": None, "coefficient": c,
              "mean_clean_acc": 0.8 - c / 10} for c in (0.3, 0.6)]
     for name, asr in (("attack_badnets", 0.2), ("attack_badmerging_ontask", 0.9)):
         rows += [{"scenario": name, "merge": "task_arithmetic", "coefficient": c, "asr": asr * c / 0.6,
                   "mean_clean_acc": 0.7, "attack": {"label": name, "in_merge": True}} for c in (0.3, 0.6)]
-    png = pipeline.plot_and_log(tmp_path, rows, [0.3, 0.6])
+    png = plot_and_log(tmp_path, rows, [0.3, 0.6])
     assert png.is_file()
     ea = _events(tmp_path / "tensorboard")
     scalars = ea.Tags()["scalars"]

@@ -93,7 +93,7 @@ def test_merge_cli_task_arithmetic_against_reference(two_models, base, tmp_path,
         assert set(r["clean_acc"]) == {"shapes", "colours"}
         assert all(0 <= v <= 1 for v in r["clean_acc"].values())
         assert math.isclose(r["mean_clean_acc"], sum(r["clean_acc"].values()) / 2)
-        assert r["attack"] == "none" and r["defense"] == "none" and r["asr"] is None
+        assert r["attack"] is None and r["defense"] == "none" and r["asr"] is None  # a clean-accuracy row
     ind = res["rows"][0]["clean_acc"]
     ta = res["rows"][2]
     assert math.isclose(ta["normalized_acc"], (ta["clean_acc"]["shapes"] / ind["shapes"] + ta["clean_acc"]["colours"] / ind["colours"]) / 2)

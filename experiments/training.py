@@ -1,0 +1,375 @@
+"""Training through LightningCLI, in-process: ``main(argv)`` returns the CLI, ``cli_main(argv)`` an exit status.
+
+``train.py`` is these two functions; the experiment engine calls ``main`` directly. Any LightningModule
+(``--model FineTune``, ``--model BackdoorInjection``, ``--model UniversalTrigger`` or a class path) trains on
+``ResumableTaskDataModule``. Reliability (ERRORS.md lists every refused input):
+
+- bad input (config, task, data, weights, checkpoint, hyperparameter, output location) stops the run
+  before training: ``main`` raises a typed ``ValueError`` subclass (``TrainInputError``, ``DatasetError``,
+  ``ModelLoadError``, ...), ``cli_main`` prints one line ``train.py: error: ...`` and returns 2
+  (``BADMERGING_TRACEBACK=1`` re-raises). A run that fails before its first training batch removes the log
+  directory it created.
+- checkpoints are written atomically (``callbacks.checkpointing.AtomicCheckpointIO``, a plugin passed through
+  ``trainer_defaults``; a ``--trainer.plugins`` of your own replaces it) and read with ``weights_only=True``;
+- the position inside the epoch is part of every checkpoint (``datamodules.resumable``), so a run killed
+  mid-epoch and resumed with ``--ckpt_path`` ends with the same weights as an uninterrupted run;
+- under SLURM the requeue signal is acted on at a batch end all ranks agree on (``callbacks.requeue``);
+  ``--ckpt_path last`` finds the newest ``last*.ckpt`` of the run's logger or Lightning's ``hpc_ckpt_*.ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.cli import LightningCLI
+
+# imported so that jsonargparse resolves the short names --model FineTune / BackdoorInjection / UniversalTrigger
+import lightning_modules.finetune  # noqa: F401
+import lightning_modules.injection  # noqa: F401
+import lightning_modules.trigger_generation  # noqa: F401
+from callbacks.requeue import SLURMRequeue
+from datamodules.datamodule import TaskDataModule
+from datamodules.resumable import ResumableTaskDataModule
+from experiments.cli import UserError, check_config_files, check_output_path, one_line, parse_error_line, run_cli
+
+__all__ = ["TrainInputError", "TrainingCLI", "main", "cli_main"]
+
+PROG = "train.py"
+HELP = "`train.py fit --help`"
+CKPT_KEYWORDS = ("last", "best", "hpc")
+ATOMIC_IO = {"class_path": "callbacks.checkpointing.AtomicCheckpointIO"}  # a config entry: config.yaml stays loadable
+
+
+class TrainInputError(UserError):
+    """An input of ``train.py`` that cannot be used; the one-line message names it and the fix."""
+
+
+def _get(config, key: str):
+    """``config[a][b]...`` for the dotted ``key`` (dicts, Namespaces or objects); None where a part is missing."""
+    value = config
+    for part in key.split("."):
+        if value is None:
+            return None
+        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
+    return value
+
+
+def _items(value) -> list:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _init_args(item):
+    """``init_args`` of a class entry (logger, callback), or None (also for ``logger: false``)."""
+    return _get(item, "init_args") if item is not None and not isinstance(item, bool) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse errors
+# ---------------------------------------------------------------------------------------------
+def _parse_error(error: BaseException) -> TrainInputError:
+    """jsonargparse's (multi-line) parse error as one line naming the key and the fix (train's wording)."""
+    line = parse_error_line(error, HELP)
+    key = re.match(r"unknown option or config key (.+?); fix its spelling or remove it", line)
+    if key:
+        return TrainInputError(f"unknown config key {key.group(1)}; fix its spelling or remove it ({HELP} lists the keys)")
+    return TrainInputError(line)
+
+
+def _format_error(error: BaseException) -> str:
+    return one_line(_parse_error(error) if isinstance(error, argparse.ArgumentError) else error)
+
+
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path",
+             "Invalid subclass spec", "Parser key")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The project's own error inside jsonargparse's wrappers (it wraps what a class raises while built)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return next((e for e in chain if not str(e).startswith(_WRAPPERS)), error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+def _check_output(path, flag: str, is_dir: bool = True) -> None:
+    """``merging.io.check_output_path`` in train's ``flag=value`` spelling; remote (``://``) paths pass."""
+    if not path or "://" in str(path):
+        return
+    named = f"{flag} {Path(path)}"
+    check_output_path(path, flag, is_dir=is_dir,
+                      error=lambda message: TrainInputError(message.replace(named, f"{flag}={Path(path)}", 1)))
+
+
+def _check_numbers(config) -> None:
+    """Hyperparameters with a meaningless value (the keys every shipped module and the data share)."""
+    def integer(key: str, minimum: int = 1, allow: tuple = ()):
+        value = _get(config, key)
+        if value is None or value in allow:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise TrainInputError(f"--{key}={value!r} must be an integer >= {minimum}")
+
+    def finite(key: str, low: float, low_open: bool, high: float | None = None, high_open: bool = True):
+        value = _get(config, key)
+        if value is None:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            lo, hi = ("(" if low_open else "["), ("" if high is None else (")" if high_open else "]"))
+            span = f"{lo}{low:g}, {'∞)' if high is None else f'{high:g}{hi}'}"
+            raise TrainInputError(f"--{key}={value!r} must be a finite number in {span}")
+
+    for key in ("data.batch_size", "data.eval_batch_size", "data.synthetic_train_size", "data.synthetic_test_size"):
+        integer(key)
+    integer("data.num_workers", minimum=0)
+    integer("data.max_val", minimum=0)
+    finite("data.val_fraction", 0.0, False, 1.0, True)
+    finite("model.init_args.lr", 0.0, True)
+    finite("model.init_args.weight_decay", 0.0, False)
+    integer("model.init_args.warmup_steps", minimum=0)
+    integer("trainer.max_steps", allow=(-1,))
+    integer("trainer.max_epochs", allow=(-1,))
+
+
+def _check_callbacks(config) -> None:
+    """Outputs of ModelCheckpoint / ExportEncoder, and the MergeEvaluate pool (read only after training steps)."""
+    for item in _items(_get(config, "trainer.callbacks")):
+        init = _init_args(item)
+        if init is None:
+            continue
+        class_path = str(_get(item, "class_path") or "")
+        if _get(init, "dirpath"):
+            _check_output(_get(init, "dirpath"), "ModelCheckpoint dirpath")
+        if class_path.endswith("ExportEncoder") and _get(init, "path"):
+            export = Path(_get(init, "path"))
+            if export.is_dir():
+                raise TrainInputError(f"ExportEncoder path={export} is a directory; pass a file such as "
+                                      f"{export / 'encoder.safetensors'}")
+            _check_output(export, "ExportEncoder path", is_dir=False)
+        if class_path.endswith("MergeEvaluate"):
+            from merging.io import MergeInputError, SafetensorsReader
+
+            for path in _get(init, "pool") or []:
+                try:
+                    SafetensorsReader(path).close()
+                except MergeInputError as e:
+                    raise TrainInputError(f"MergeEvaluate pool: {e}") from None
+
+
+def _check_values(config) -> None:
+    """Meaningless hyperparameters, a missing data directory and unwritable outputs, before anything is built."""
+    _check_numbers(config)
+    data_dir = _get(config, "data.data_dir")
+    if data_dir and not Path(data_dir).is_dir():
+        raise TrainInputError(f"--data.data_dir={data_dir} is not a directory; pass the task's local data folder "
+                              "or leave it unset (hub / synthetic)")
+    _check_output(_get(config, "trainer.default_root_dir"), "--trainer.default_root_dir")
+    for item in _items(_get(config, "trainer.logger")):
+        _check_output(_get(_init_args(item), "save_dir"), "--trainer.logger.init_args.save_dir")
+    _check_callbacks(config)
+
+
+def _check_checkpoint(path: str) -> None:
+    """``--ckpt_path`` exists and loads with ``weights_only=True`` (tensors and plain containers only)."""
+    file = Path(path)
+    if file.is_dir():
+        raise TrainInputError(f"--ckpt_path {path} is a directory; pass its checkpoints/last.ckpt")
+    if not file.is_file():
+        raise TrainInputError(f"--ckpt_path {path}: file not found; pass an existing .ckpt or 'last'")
+    try:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainInputError(f"--ckpt_path {path} holds Python objects other than tensors and plain containers; "
+                              "refused (unpickling could run code): resume only from checkpoints this tool wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise TrainInputError(f"--ckpt_path {path} is not a readable checkpoint ({one_line(e).split('. ')[0]}); it may be "
+                              "truncated: use another (e.g. an earlier version_*/checkpoints/last.ckpt)") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise TrainInputError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict); pass a .ckpt "
+                              "written by train.py")
+
+
+def _find_last_checkpoint(config) -> str | None:
+    """The newest ``last*.ckpt`` among this run's logger versions (and ModelCheckpoint dirpaths), or
+    ``hpc_ckpt_*.ckpt`` in its ``default_root_dir`` (SLURM auto-requeue), whichever is newer.
+
+    Lightning itself only looks in the *new* version directory, where there is never one yet, and
+    takes its hpc checkpoint only when no ``ckpt_path`` is given.
+    """
+    dirs = [Path(_get(_init_args(item), "dirpath")) for item in _items(_get(config, "trainer.callbacks"))
+            if _get(_init_args(item), "dirpath")]
+    loggers = _items(_get(config, "trainer.logger"))
+    init = _init_args(loggers[0]) if loggers else None
+    root = _get(config, "trainer.default_root_dir") or "."
+    if _get(init, "save_dir"):
+        base = Path(_get(init, "save_dir")) / str(_get(init, "name") or "lightning_logs")
+    else:
+        base = Path(root) / "lightning_logs"
+    candidates = [Path(p) for d in dirs for p in glob.glob(str(d / "last*.ckpt"))]
+    candidates += [Path(p) for p in glob.glob(str(base / "*" / "checkpoints" / "last*.ckpt"))]  # any version name
+    candidates += [Path(p) for p in glob.glob(str(Path(root) / "hpc_ckpt_*.ckpt"))]
+    candidates = [c for c in candidates if c.is_file()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
+def _single_process(trainer_cfg) -> bool:
+    """Whether the trainer config describes one process on one device (no DDP launch)."""
+    if trainer_cfg is None or (_get(trainer_cfg, "num_nodes") or 1) != 1:
+        return False
+    devices = _get(trainer_cfg, "devices")
+    if devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1):
+        return True
+    return devices in ("auto", None) and _get(trainer_cfg, "accelerator") == "cpu"  # auto on CPU: one device
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+class _RunTracker(Callback):
+    """Whether this process finished a training batch (a failed run without one leaves no log directory)."""
+
+    def __init__(self):
+        self.trained = False
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.trained = True
+
+
+class TrainingCLI(LightningCLI):
+    """LightningCLI with the input checks above, atomic checkpoints, SLURM requeue and partial-output cleanup.
+
+    ``trainer_defaults`` gain the ``AtomicCheckpointIO`` plugin (unless they name plugins) and the
+    ``_RunTracker`` / ``SLURMRequeue`` callbacks; bad input raises the typed error (see the module docstring).
+    """
+
+    def __init__(self, *args, trainer_defaults: dict | None = None, **kwargs):
+        self._fresh_log_dir: Path | None = None
+        self._tracker = _RunTracker()
+        defaults = dict(trainer_defaults or {})
+        defaults.setdefault("plugins", [dict(ATOMIC_IO)])
+        defaults["callbacks"] = [*_items(defaults.get("callbacks")), self._tracker, SLURMRequeue()]
+        try:
+            super().__init__(*args, trainer_defaults=defaults, **kwargs)
+        except argparse.ArgumentError as e:
+            raise _parse_error(e) from None
+        except BaseException as error:
+            self._remove_partial_outputs()
+            root = _root_cause(error)
+            if root is not error:
+                raise root.with_traceback(root.__traceback__) from None
+            raise
+
+    def add_arguments_to_parser(self, parser):
+        # One task name drives both the head (model) and the data.
+        parser.link_arguments("data.task", "model.init_args.task")
+        parser.link_arguments("model.init_args.model_name", "data.model_name")
+        parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        config = self.config[sub]
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
+            found = _find_last_checkpoint(config)
+            config["ckpt_path"] = ckpt = found
+            if found is not None:
+                print(f"{PROG}: resuming from {found}", file=sys.stderr)
+            else:  # as Lightning does: nothing to resume from is not an error (re-queued cluster jobs)
+                print(f"{PROG}: warning: --ckpt_path last found no last.ckpt under this run's logger directory; "
+                      "starting from the base model", file=sys.stderr)
+        if ckpt and ckpt not in CKPT_KEYWORDS and not str(ckpt).startswith("registry"):
+            _check_checkpoint(str(ckpt))  # before Lightning reads the checkpoint's hyperparameters
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        _check_values(self.config[sub] if sub else self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        """Load the data before the trainer exists: data problems (missing columns, empty or too small
+        splits) stop the run before anything is logged or written. Single-process runs only: under DDP
+        Lightning prepares the data on one rank and sets it up on all."""
+        sub = self.config.get("subcommand")
+        trainer_cfg = (self.config[sub] if sub else self.config).get("trainer")
+        if sub == "fit" and isinstance(self.datamodule, TaskDataModule) and _single_process(trainer_cfg):
+            datamodule = self.datamodule
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            n_train, batch = len(datamodule.splits["train"]), datamodule.hparams.batch_size
+            if n_train < batch:
+                raise TrainInputError(f"task {datamodule.spec.name}: the train split has {n_train} examples, fewer "
+                                      f"than one batch of {batch} (the last partial batch is dropped); lower "
+                                      "--data.batch_size or add data")
+        return super().instantiate_trainer(**kwargs)
+
+    def fit(self, model, datamodule=None, **kwargs):
+        """``trainer.fit`` loading checkpoints weights-only; notes the log directory this run creates."""
+        trainer = self.trainer
+        if "weights_only" in kwargs:
+            kwargs["weights_only"] = True
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
+        if trainer.is_global_zero and log_dir and not Path(log_dir).exists():
+            self._fresh_log_dir = Path(log_dir)
+        return trainer.fit(model, datamodule=datamodule, **kwargs)
+
+    def _remove_partial_outputs(self) -> None:
+        """A run that failed before its first training batch removes the log directory it created."""
+        fresh = self._fresh_log_dir
+        if fresh is None or self._tracker.trained or not fresh.is_dir() or any(fresh.rglob("*.ckpt")):
+            return
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def main(args=None) -> TrainingCLI:
+    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it; bad input raises a typed exception."""
+    check_config_files(list(sys.argv[1:] if args is None else args), shipped="configs/experiment/",
+                       error=TrainInputError)
+    no_exit = {"exit_on_error": False}  # parse errors raise, and become one line
+    return TrainingCLI(
+        L.LightningModule,
+        ResumableTaskDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={**no_exit, **{s: dict(no_exit) for s in ("fit", "validate", "test", "predict")}},
+        args=args,
+    )
+
+
+def cli_main(argv=None) -> int:
+    """``python train.py ...``: 0; 2 with one line ``train.py: error: ...``; 143 when stopped by SIGTERM."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def body() -> int:
+        try:
+            main(argv)
+        except SIGTERMException:  # SLURM requeue or scancel: the checkpoints stay for the resumed run
+            print(f"{PROG}: stopped by SIGTERM; resume with --ckpt_path last (a requeued SLURM job does)", file=sys.stderr)
+            return 143
+        return 0
+
+    return run_cli(PROG, body, format_error=_format_error)
