@@ -28,16 +28,18 @@ from tqdm.auto import tqdm
 from evaluation.evaluate import AttackProbe, EvalTask, evaluate, load_eval_tasks
 from evaluation.inputs import attack_probe, check_base, model_metadata, task_of, trigger_probes, unique_labels
 from evaluation.merge_methods import (MergeContext, MergeMethod, check_finite, check_positive_int,
-                                      resolve_merge_method)
+                                      check_scaling_hyperparameters, resolve_merge_method)
 from evaluation.rows import Row, attack_rows, make_row
-from merging.io import MergeInputError, check_output_path, load_metadata, load_state_dict, save_state_dict
-from merging.streaming import validate_inputs
-from merging.task_vectors import task_vector
+from merging.io import (MergeInputError, SafetensorsReader, check_output_path, load_metadata, load_state_dict,
+                        save_state_dict)
+from merging.streaming import first_non_finite, validate_inputs
+from merging.task_vectors import narrowest_float, task_vector
 from modeling.clip import EMBEDDED_MODEL, BaseModel, load_base_model
 from modeling.version import code_version
 
 __all__ = ["ENGINES", "DefenseLike", "DefenseSetting", "EvalCache", "MergeEvalRequest", "MergeEvalResult", "PlanEntry",
-           "evaluate_merges", "hyperparameters_at", "validate_plan_entry", "validate_request"]
+           "check_merged_finite", "evaluate_merges", "hyperparameters_at", "validate_plan_entry",
+           "validate_request", "weights_dtype"]
 
 ENGINES = ("auto", "memory", "streaming")
 StateDict = dict[str, torch.Tensor]
@@ -165,8 +167,11 @@ def hyperparameters_at(method: MergeMethod, given: Mapping, coefficient, recorde
     return hp
 
 
-def validate_plan_entry(entry: PlanEntry | Mapping, n_models: int) -> MergeMethod:
-    """One plan entry's method, hyperparameters and coefficients (each λ), before any work; returns its method."""
+def validate_plan_entry(entry: PlanEntry | Mapping, n_models: int, dtype: torch.dtype = torch.float32) -> MergeMethod:
+    """One plan entry's method, hyperparameters and coefficients (each λ), before any work; returns its method.
+
+    Coefficients and the other hyperparameters that scale weights must be finite in ``dtype``, the dtype of the
+    weights they scale (``validate_request`` passes the models'; float32, what train.py exports, otherwise)."""
     entry = PlanEntry.from_mapping(entry)
     method = resolve_merge_method(entry.method)
     name = entry.label(method)
@@ -175,12 +180,27 @@ def validate_plan_entry(entry: PlanEntry | Mapping, n_models: int) -> MergeMetho
     coefficients = entry.coefficient_list()
     if not isinstance(coefficients, (list, tuple)) or not coefficients:
         raise MergeInputError(f"{name}: coefficients={coefficients!r} must be a non-empty list of numbers")
-    coefficients = [None if c is None else check_finite(name, "coefficient", c) for c in coefficients]
+    coefficients = [None if c is None else check_finite(name, "coefficient", c, dtype) for c in coefficients]
     if entry.select_on not in (None, "val"):
         raise MergeInputError(f"{name}: select_on must be 'val' or null, got {entry.select_on!r}")
     for c in coefficients if method.takes_coefficient else [None]:
-        method.validate(hyperparameters_at(method, entry.hparams, c), n_models, name)
+        hparams = hyperparameters_at(method, entry.hparams, c)
+        method.validate(hparams, n_models, name)
+        check_scaling_hyperparameters(method, hparams, name, dtype)
     return method
+
+
+def weights_dtype(paths: Sequence[str]) -> torch.dtype:
+    """The narrowest float dtype in the models' safetensors headers (float32 if none): the dtype coefficients must
+    be finite in. A file whose header cannot be read is skipped here; its own check names it later."""
+    dtypes = set()
+    for path in paths:
+        try:
+            with SafetensorsReader(path) as reader:
+                dtypes.update(reader.dtype(k) for k in reader.keys())
+        except MergeInputError:
+            continue
+    return narrowest_float(dtypes)
 
 
 def _check_model_files(flag: str, paths: Sequence[str]) -> None:
@@ -196,7 +216,7 @@ def _check_model_files(flag: str, paths: Sequence[str]) -> None:
         seen[real] = path
 
 
-def _validate_defenses(settings: Sequence[DefenseSetting]) -> None:
+def _validate_defenses(settings: Sequence[DefenseSetting], dtype: torch.dtype) -> None:
     for s in settings:
         if not isinstance(s, DefenseSetting):
             raise MergeInputError(f"defenses: {s!r} is not a DefenseSetting; build each with defenses.defense_setting")
@@ -205,15 +225,17 @@ def _validate_defenses(settings: Sequence[DefenseSetting]) -> None:
         if names.count(s.defense.name) > 1:
             raise MergeInputError(f"defense {s.defense.name!r} is given {names.count(s.defense.name)} times; give it "
                                   "once with all its strengths")
-        _validate_defense(s)
+        _validate_defense(s, dtype)
 
 
-def _validate_defense(setting: DefenseSetting) -> None:
+def _validate_defense(setting: DefenseSetting, dtype: torch.dtype) -> None:
     if not isinstance(setting.strengths, (list, tuple)):
         raise MergeInputError(f"{setting.where('strengths')}={setting.strengths!r} must be a list of numbers")
     setting.defense.validate(setting)  # its inputs, then each strength
     if not setting.strengths:
         raise MergeInputError(f"{setting.where('strengths')} is empty; give at least one strength, e.g. 0.5 1 2")
+    for strength in setting.strengths:  # a strength scales a vector of weights: finite in their dtype
+        check_finite(setting.where("strengths"), "strength", strength, dtype)
     if setting.select not in (None, "val"):
         raise MergeInputError(f"{setting.where('select')} must be 'val' or null, got {setting.select!r}")
     drop = setting.max_drop
@@ -235,7 +257,8 @@ def validate_request(request: MergeEvalRequest) -> list[MergeMethod]:
     for path in r.probe_triggers or []:
         if not Path(path).is_file():
             raise MergeInputError(f"--probe_triggers: {path} does not exist; pass a stage-1 trigger file (.safetensors)")
-    _validate_defenses(r.defenses)
+    dtype = weights_dtype(r.models)
+    _validate_defenses(r.defenses, dtype)
     for task in list(r.tasks or []) + list(r.eval_tasks or []) + list((r.data_dirs or {}).keys()):
         get_task(task)  # UnknownTaskError lists the known tasks
     for task, folder in (r.data_dirs or {}).items():
@@ -249,7 +272,7 @@ def validate_request(request: MergeEvalRequest) -> list[MergeMethod]:
         check_positive_int(f"--{flag}", getattr(r, flag))
     check_positive_int("--val_max_examples", r.val_max_examples, allow_none=True)
     check_positive_int("--merge_threads", r.merge_threads, allow_none=True)
-    methods = [validate_plan_entry(e, len(r.models)) for e in r.plan]
+    methods = [validate_plan_entry(e, len(r.models), dtype) for e in r.plan]
     if r.export:
         if len(r.plan) != 1 or len(r.plan[0].coefficient_list()) != 1:
             raise MergeInputError("--export needs exactly one method and one coefficient; pass --coefficients λ")
@@ -257,6 +280,18 @@ def validate_request(request: MergeEvalRequest) -> list[MergeMethod]:
             raise MergeInputError(f"--export writes one model, but {len(r.defenses)} defenses are given; give at most one")
         check_output_path(r.export, "--export", is_dir=False)
     return methods
+
+
+def check_merged_finite(state: StateDict, what: str, fix: str) -> StateDict:
+    """``state`` unchanged if every float value is finite, else a MergeInputError naming ``what`` (the method and
+    coefficient: finite λ·τ can still overflow) and the first non-finite key: a NaN merge is never evaluated or
+    exported."""
+    key = first_non_finite(state)
+    if key is not None:
+        raise MergeInputError(f"{what}: the merged weights are not finite (key {key!r} holds NaN or inf: the "
+                              f"arithmetic overflowed {str(state[key].dtype).removeprefix('torch.')}); nothing was evaluated "
+                              f"or exported: {fix}")
+    return state
 
 
 class EvalCache:
@@ -415,20 +450,39 @@ class _Run:
         ind_val = self.individual_on("val")
         scores = {}
         for c in tqdm(coefficients, desc=f"{entry.label(method)}: select λ on val", leave=False):
-            accs = self.evaluate(method.merge(self.context, **hyperparameters_at(method, entry.hparams, c)), "val")[0]
+            merged = self.merge(entry, method, c)
+            accs = self.evaluate(merged, "val")[0]
             scored = [t for t in accs if t in ind_val]  # a probe's target task outside the merge has no individual
             scores[c] = sum(accs[t] / ind_val[t] for t in scored) / len(scored)
         return {"split": "val", "metric": "mean normalized accuracy", "scores": scores,
                 "chosen": max(scores, key=scores.get), "val_examples_per_task": self.r.val_max_examples}
 
-    def select_strength(self, setting: DefenseSetting, merged: StateDict) -> dict:
+    def merge(self, entry: PlanEntry, method: MergeMethod, coefficient) -> StateDict:
+        """The merge at λ = ``coefficient``, checked finite before anything uses it."""
+        merged = method.merge(self.context, **hyperparameters_at(method, entry.hparams, coefficient))
+        return check_merged_finite(merged, self.what(entry, method, coefficient),
+                                   "use a smaller coefficient" if coefficient is not None
+                                   else "check the method's hyperparameters and input models")
+
+    @staticmethod
+    def what(entry: PlanEntry, method: MergeMethod, coefficient) -> str:
+        """How messages name one merge: ``ties at coefficient=0.3`` (the method alone without λ)."""
+        return entry.label(method) + ("" if coefficient is None else f" at coefficient={coefficient!r}")
+
+    @staticmethod
+    def defend(setting: DefenseSetting, merged: StateDict, strength: float, what: str) -> StateDict:
+        """The defense at ``strength`` on a merge, checked finite before anything uses it."""
+        return check_merged_finite(setting.defense.apply(merged, strength),
+                                   f"{what} under {setting.defense.name} strength {strength!r}", "use a smaller strength")
+
+    def select_strength(self, setting: DefenseSetting, merged: StateDict, what: str) -> dict:
         """The defense's strength rule on clean val accuracy only (nothing of any attacker)."""
         def mean_val(state):
             accs = self.evaluate(state, "val")[0]
             return sum(accs.values()) / len(accs)
 
         reference = mean_val(merged)
-        scores = {a: mean_val(setting.defense.apply(merged, a)) for a in setting.unique_strengths()}
+        scores = {a: mean_val(self.defend(setting, merged, a, what)) for a in setting.unique_strengths()}
         chosen = setting.defense.select_strength(scores, reference, setting.max_drop)
         return {"split": "val", "rule": setting.defense.selection_rule(setting.max_drop), "undefended": reference,
                 "scores": scores, "chosen": chosen}
@@ -443,12 +497,13 @@ class _Run:
         settings = list(self.r.defenses) if entry.defend else []
         rows = []
         for c in tqdm(coefficients, desc=name, leave=False):
-            merged = method.merge(self.context, **hyperparameters_at(method, entry.hparams, c))
+            merged = self.merge(entry, method, c)
+            what = self.what(entry, method, c)
             recorded = {**hyperparameters_at(method, entry.hparams, c, recorded=True), **method.learned}
-            chosen = {s.defense.name: self.select_strength(s, merged) for s in settings
+            chosen = {s.defense.name: self.select_strength(s, merged, what) for s in settings
                       if s.select == "val" and self.r.evaluate}
             if self.r.export:
-                self.export(merged, self.method_label(entry, method), recorded, settings, chosen)
+                self.export(merged, self.method_label(entry, method), recorded, settings, chosen, what)
             if not self.r.evaluate:
                 continue
             measured = self.probes if entry.measure_attacks else []
@@ -460,7 +515,7 @@ class _Run:
             for s in settings:
                 record = chosen.get(s.defense.name)
                 for a in s.unique_strengths():
-                    state = s.defense.apply(merged, a)
+                    state = self.defend(s, merged, a, what)
                     accs, attacks = self.evaluate(state, "report", measured)
                     drow = dataclasses.replace(make_row(name, c, accs, self.individual.get("report")),
                                                method=self.method_label(entry, method), hyperparameters=recorded,
@@ -475,7 +530,7 @@ class _Run:
         return entry.method if isinstance(entry.method, str) else method.name
 
     def export(self, merged: StateDict, method: str, hyperparameters: dict, settings: list[DefenseSetting],
-               chosen: dict[str, dict]) -> None:
+               chosen: dict[str, dict], what: str) -> None:
         """The merged weights (under the defense at its selected strength, else its first one) with what made them."""
         r = self.r
         meta = {"kind": "merge", "method": method, "hyperparameters": hyperparameters, "models": [str(p) for p in r.models],
@@ -485,5 +540,5 @@ class _Run:
             record = chosen.get(s.defense.name)
             strength = record["chosen"] if record is not None else s.unique_strengths()[0]
             meta["defense"] = s.defense.describe(strength, dict(s.inputs))
-            state = s.defense.apply(merged, strength)
+            state = self.defend(s, merged, strength, what)
         save_state_dict(r.export, state, meta)

@@ -27,10 +27,12 @@ from evaluation.registry import Registry
 from merging.io import MergeInputError, load_state_dict
 from merging.methods import build_plan, get_merge_method, method_hyperparameters
 from merging.streaming import merge_files
+from merging.task_vectors import not_finite_in
 from modeling.clip import BaseModel
 
 __all__ = ["DATA_METHODS", "REGISTRY", "AdaMergingMethod", "MergeContext", "MergeMethod", "RegMeanMethod", "WeightMethod",
-           "check_finite", "check_positive_int", "register_merge_method", "resolve_merge_method"]
+           "check_finite", "check_positive_int", "check_scaling_hyperparameters", "register_merge_method",
+           "resolve_merge_method"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -42,14 +44,33 @@ def check_positive_int(where: str, value, allow_none: bool = False) -> None:
         raise MergeInputError(f"{where}={value!r} must be a positive integer")
 
 
-def check_finite(where: str, name: str, value) -> float:
+def check_finite(where: str, name: str, value, dtype: torch.dtype | None = None) -> float:
+    """``value`` as a float, refused unless finite, and (``dtype``) finite in ``dtype`` too, the dtype of the
+    weights it scales: 1e39 is finite as a float64 but inf as float32 and would turn the merge into NaN."""
     try:
         number = float(value)
+    except OverflowError:  # an int beyond float64
+        number = math.inf
     except (TypeError, ValueError):
         raise MergeInputError(f"{where}: {name}={value!r} must be a number") from None
     if not math.isfinite(number):
         raise MergeInputError(f"{where}: {name}={value!r} must be finite")
+    reason = None if dtype is None else not_finite_in(number, dtype)
+    if reason:
+        hint = "a merge coefficient such as 0.3" if name == "coefficient" else f"a smaller {name}"
+        raise MergeInputError(f"{where}: {name}={value!r} {reason}, the dtype of the weights it scales; use {hint}")
     return number
+
+
+def check_scaling_hyperparameters(method: "MergeMethod", hparams: dict, where: str, dtype: torch.dtype) -> None:
+    """Every hyperparameter that multiplies weights (``method.scaling_hyperparameters``; a number or one per task)
+    finite in ``dtype``, the dtype of the weights it scales (float32 / float16 / bfloat16 / ...)."""
+    for key in method.scaling_hyperparameters:
+        value = hparams.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                check_finite(where, key, v, dtype)
 
 
 @dataclass
@@ -94,12 +115,14 @@ class MergeMethod(abc.ABC):
 
     ``records_defaults``: rows record defaults + given hyperparameters (False: only the given ones).
     ``learned``: what the last ``merge`` learned (e.g. AdaMerging's λ), recorded in the row's hyperparameters.
+    ``scaling_hyperparameters``: those that multiply weights, checked finite in the weights' dtype before any work.
     """
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
     hyperparameters: ClassVar[dict[str, Any]] = {}
     records_defaults: ClassVar[bool] = True
+    scaling_hyperparameters: ClassVar[tuple[str, ...]] = ("coefficient",)
     learned: dict[str, Any] = {}  # a merge that learns something assigns a new dict (never mutate this default)
 
     def defaults(self) -> dict[str, Any]:
@@ -198,6 +221,7 @@ class Consensus(WeightMethod):
     """Consensus (TALL masks): keep entries active in ≥ k task masks, then Task Arithmetic."""
 
     name = "consensus"
+    scaling_hyperparameters = ("coefficient", "lam")  # lam scales |τ_MTL − τ_t| in the TALL mask
 
 
 # -- data-dependent methods --

@@ -320,6 +320,25 @@ def _check_scenarios(spec: ExperimentSpec, where: str, trainings: dict[str, Trai
         for ref in s.defenses:
             if ref not in defenses:
                 raise SpecError(f"{w}: defense {ref!r} is not defined in the spec's defenses")
+        _check_plan(w, s, len(spec.tasks))
+
+
+def _check_plan(where: str, s: Scenario, n_models: int) -> None:
+    """Every plan entry (its own and its plan files') through the evaluation API's check, before any training:
+    unknown methods or hyperparameters, and coefficients not finite in float32, stop here."""
+    import yaml
+
+    from evaluation.merge_eval import validate_plan_entry
+    from experiments.cli import one_line
+
+    entries = plan_coefficients([dict(e) for e in s.plan], None)
+    for f in s.plan_files:
+        entries += [{**e, **s.plan_files_entry} for e in (yaml.safe_load(Path(f).read_text()) or {}).get("plan", [])]
+    for e in entries:
+        try:
+            validate_plan_entry(e, n_models)
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"{where}: plan: {one_line(err)}") from None
 
 
 def training_order(trainings: dict[str, Training], where: str = "spec") -> list[str]:

@@ -243,8 +243,14 @@ def _coefficients(where: str, values: list) -> list[float]:
     for c in values:
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise SweepError(f"{where}: grid.coefficients: {c!r} is not a number; give merge coefficients λ such as 0.3")
-        if not math.isfinite(c):
-            raise SweepError(f"{where}: grid.coefficients: {c!r} is not finite; give finite merge coefficients λ such as 0.3")
+        # the evaluation API's rule: finite in float32, the dtype of the weights the sweep trains and merges
+        import torch
+
+        from merging.task_vectors import not_finite_in
+
+        reason = not_finite_in(c, torch.float32)
+        if reason:
+            raise SweepError(f"{where}: grid.coefficients: {c!r} {reason}; give finite merge coefficients λ such as 0.3")
         if c < 0:
             raise SweepError(f"{where}: grid.coefficients: {c!r} is negative; give coefficients λ >= 0 "
                              "(task negation is not a merge of this sweep: run merge.py for it)")

@@ -23,11 +23,14 @@ from .io import MergeInputError, SafetensorsReader
 from .methods import build_plan
 from .task_vectors import compute_dtype
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "merge_files", "validate_inputs"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "MAX_WEIGHT_SCALE", "first_non_finite", "merge_files", "validate_inputs"]
 
 # 1M elements (4 MB in float32) per tensor read: small against a model, large enough that per-chunk
 # Python overhead stays negligible.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+#: a model weight may be at most this many times the largest |θ_pre| weight (see ``validate_inputs``)
+MAX_WEIGHT_SCALE = 1e4
 
 
 class _StateDictView:
@@ -86,6 +89,31 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key (in the dict's order) of a float tensor holding NaN or inf, or None when all are finite."""
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not _all_finite(tensor.detach()):
+            return key
+    return None
+
+
+def _abs_max(tensor: torch.Tensor) -> float:
+    if not tensor.numel():
+        return 0.0
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.float()  # float8: no abs / max kernels of their own
+    return float(tensor.abs().max())
+
+
+def _check_magnitude(reader, key: str, tensor: torch.Tensor, bound: float, pre_max: float) -> None:
+    largest = _abs_max(tensor)
+    if largest > bound:
+        raise MergeInputError(f"{reader.path}: key {key!r} holds a weight of magnitude {largest:.3g}, above the "
+                              f"bound {bound:.3g} ({MAX_WEIGHT_SCALE:g} × max(largest |θ_pre| weight {pre_max:.3g}, 1)) "
+                              "past which the forward pass overflows; the model diverged or is no fine-tune of this "
+                              "base: re-train it or leave it out")
+
+
 def _check_finite(reader, key: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not _all_finite(tensor):
         raise MergeInputError(f"{reader.path}: key {key!r} contains NaN or inf; the model diverged, "
@@ -128,10 +156,16 @@ def validate_inputs(pretrained, model_paths, *, check_finite: bool = True,
     ``pretrained`` is θ_pre: a safetensors path, or an in-memory state dict (the in-memory engine;
     ``pretrained_name`` names it in messages). Checks: files exist and are valid safetensors (never
     unpickled), no path repeats (nor equals the pre-trained one), every model has θ_pre's keys, shapes
-    and dtypes, and (``check_finite``) all float values are finite. During the same pass the float
-    tensors are hashed: two inputs with identical weights (a copy merged twice) are refused, and a
-    model identical to θ_pre (a zero task vector) draws a warning. Raises MergeInputError naming the
-    file and the key.
+    and dtypes, and (``check_finite``) all float values are finite and no model weight exceeds
+    ``MAX_WEIGHT_SCALE`` × max(max |θ_pre|, 1). During the same pass the float tensors are hashed: two
+    inputs with identical weights (a copy merged twice) are refused, and a model identical to θ_pre (a
+    zero task vector) draws a warning. Raises MergeInputError naming the file and the key.
+
+    The magnitude bound: a finite weight such as 3e38 passes the finite check yet overflows the first
+    matmul of the forward pass (every row would be NaN, reported as chance accuracy). Fine-tuning cannot
+    come near the bound: each AdamW step moves a weight by about lr (1e-5 here), so even 10^6 steps move
+    it by ≤ 10, while the bound is ≥ 10^4 (10^4 × θ_pre's largest weight, and at least 10^4). Only a
+    diverged run or weights of another model exceed it.
     """
     in_memory = isinstance(pretrained, Mapping)
     _, models = _check_paths(None if in_memory else pretrained, model_paths)
@@ -143,28 +177,38 @@ def validate_inputs(pretrained, model_paths, *, check_finite: bool = True,
         readers = [stack.enter_context(SafetensorsReader(p)) for p in models]
         _check_structure(pre, readers)
         merge_keys = [k for k in pre.keys() if pre.dtype(k).is_floating_point]
-        digests = []
-        for reader in [pre, *readers]:
+        digests, pre_max = [], 0.0
+        for reader in [pre, *readers]:  # θ_pre first: its largest weight sets the models' bound
+            bound = MAX_WEIGHT_SCALE * max(pre_max, 1.0)
             digest = hashlib.blake2b(digest_size=16)
-            for key in merge_keys:  # one read per chunk serves both the finiteness check and the digest
+            for key in merge_keys:  # one read per chunk serves the finiteness and magnitude checks and the digest
                 digest.update(f"{key}|{reader.shape(key)}|{reader.dtype(key)}|".encode())
                 for start in range(0, reader.numel(key), chunk_elements):
                     chunk = reader.read_flat(key, start, start + chunk_elements)
                     if check_finite:
                         _check_finite(reader, key, chunk)
+                        if reader is pre:
+                            pre_max = max(pre_max, _abs_max(chunk))
+                        else:
+                            _check_magnitude(reader, key, chunk, bound, pre_max)
                     digest.update(chunk.contiguous().view(torch.uint8).numpy())  # a buffer: no copy
             digests.append(digest.digest())
-        first: dict[bytes, int] = {}
-        for index, value in enumerate(digests[1:]):
-            if value == digests[0]:
-                warnings.warn(f"{models[index]}: weights identical to the pre-trained model {pre.path}; its task "
-                              "vector is zero (was it trained?)", stacklevel=2)
-            elif value in first:
-                raise MergeInputError(f"{models[index]}: model #{index} has exactly the weights of model "
-                                      f"#{first[value]} ({models[first[value]]}); each fine-tuned model must appear "
-                                      "once (a copy would be merged twice)")
-            first.setdefault(value, index)
+        _check_copies(pre, models, digests)
     return merge_keys
+
+
+def _check_copies(pre, models: Sequence[Path], digests: list[bytes]) -> None:
+    """Refuse two models with identical weights; warn about a model identical to θ_pre (``digests[0]``)."""
+    first: dict[bytes, int] = {}
+    for index, value in enumerate(digests[1:]):
+        if value == digests[0]:
+            warnings.warn(f"{models[index]}: weights identical to the pre-trained model {pre.path}; its task "
+                          "vector is zero (was it trained?)", stacklevel=3)
+        elif value in first:
+            raise MergeInputError(f"{models[index]}: model #{index} has exactly the weights of model "
+                                  f"#{first[value]} ({models[first[value]]}); each fine-tuned model must appear "
+                                  "once (a copy would be merged twice)")
+        first.setdefault(value, index)
 
 
 class _FileSource:

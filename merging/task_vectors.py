@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
 from .io import MergeInputError
 
-__all__ = ["add_vector", "compute_dtype", "is_mergeable", "task_vector"]
+__all__ = ["add_vector", "compute_dtype", "is_mergeable", "narrowest_float", "not_finite_in", "task_vector"]
 
 
 def is_mergeable(tensor: torch.Tensor) -> bool:
@@ -24,6 +25,30 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
             continue  # float8 formats do not promote; their differences are computed in float32
         result = torch.promote_types(result, dtype)
     return result
+
+
+def not_finite_in(value: float, dtype: torch.dtype) -> str | None:
+    """Why the number ``value`` is not finite in ``dtype`` (a phrase for messages), or None when it is.
+
+    A float64 number beyond ``torch.finfo(dtype).max`` becomes ±inf in ``dtype``: 1e39 is finite as float64 but inf
+    as float32 (max 3.4e38), 1e5 is inf as float16 (max 65504), so every weight it scales turns inf or NaN.
+    """
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64
+        return "is not finite"
+    if not math.isfinite(number):
+        return "is not finite"
+    largest = float(torch.finfo(dtype).max)
+    if abs(number) > largest:
+        return f"is not finite in {str(dtype).removeprefix('torch.')} (|value| must be ≤ {largest:.4g} there)"
+    return None
+
+
+def narrowest_float(dtypes) -> torch.dtype:
+    """The float dtype of ``dtypes`` with the smallest largest-finite value (float32 when there is none)."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return min(floats, key=lambda d: float(torch.finfo(d).max), default=torch.float32)
 
 
 def task_vector(finetuned: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -167,7 +167,30 @@ MERGE_CASES = {
     "missing inherent trigger file": (
         lambda t, m: ["--models", str(m[0]), "--probe_triggers", str(t / "nope_trigger.safetensors")],
         r"--probe_triggers: .*nope_trigger\.safetensors does not exist; pass a stage-1 trigger file"),
+    "coefficient not finite in the weights' dtype (1e39 in float32)": (
+        lambda t, m: ["--models", *map(str, m), "--coefficients", "1e39"],
+        r"task_arithmetic: coefficient=1e\+39 is not finite in float32 \(\|value\| must be ≤ 3\.403e\+38 there\), the "
+        r"dtype of the weights it scales; use a merge coefficient such as 0\.3"),
+    "merged weights not finite (λ·τ overflows float32)": (
+        lambda t, m: ["--models", _big_tau(t, m), str(m[1]), "--coefficients", "3e38"],
+        rf"task_arithmetic at coefficient=3e\+38: the merged weights are not finite \(key '{re.escape(KEY)}' holds NaN or "
+        r"inf: the arithmetic overflowed float32\); nothing was evaluated or exported: use a smaller coefficient"),
+    "defended weights not finite (IBVS strength overflows)": (
+        lambda t, m: ["--models", str(m[0]), "--defense", "ibvs", "--ibvs_clean", str(m[0]), "--ibvs_backdoored", _big_tau(t, m),
+                      "--ibvs_alphas", "3e38", "--ibvs_select", "null", "--individual", "false", "--zero_shot", "false"],
+        r"task_arithmetic at coefficient=0\.3 under ibvs strength 3e\+38: the merged weights are not finite \(key .* "
+        r"use a smaller strength"),
+    "weight too large for the forward pass (3e38)": (
+        lambda t, m: ["--models", str(m[1]), str(_variant(m, t, lambda s: s[KEY].view(-1).__setitem__(3, 3e38)))],
+        rf"bad\.safetensors: key '{re.escape(KEY)}' holds a weight of magnitude 3e\+38, above the bound 1\.13e\+04 "
+        r"\(10000 × max\(largest \|θ_pre\| weight 1\.13, 1\)\) past which the forward pass overflows; the model "
+        r"diverged or is no fine-tune of this base: re-train it or leave it out"),
 }
+
+
+def _big_tau(t: Path, m) -> str:
+    """A copy of the first model with τ = +5 on KEY: λ = 3e38 (finite in float32) times it overflows."""
+    return str(_variant(m, t, lambda s: s[KEY].add_(5.0), name="big_tau.safetensors"))
 
 
 def _truncated(t: Path, m) -> str:
@@ -484,6 +507,10 @@ SWEEP_CASES = {
     "non-finite coefficient": (
         lambda t: ["--config", _sweep_yaml(t, _set("grid", "coefficients", value=[0.3, float("nan")]))],
         r"sweep\.yaml: grid\.coefficients: nan is not finite; give finite merge coefficients"),
+    "coefficient not finite in float32": (
+        lambda t: ["--config", _sweep_yaml(t, _set("grid", "coefficients", value=[0.3, 1e39]))],
+        r"sweep\.yaml: grid\.coefficients: 1e\+39 is not finite in float32 \(\|value\| must be ≤ 3\.403e\+38 there\); give "
+        r"finite merge coefficients λ such as 0\.3"),
     "negative coefficient": (
         lambda t: ["--config", _sweep_yaml(t, _set("grid", "coefficients", value=[-0.3]))],
         r"sweep\.yaml: grid\.coefficients: -0\.3 is negative; give coefficients λ >= 0"),
@@ -574,6 +601,9 @@ PIPELINE_CASES = {
     "unwritable output folder": (lambda t: ["--out_dir", str(_out_under_a_file(t))],
                                  r"--out_dir .*a_file/out cannot be created: .*a_file is a file, not a directory"),
     "unknown executor": (lambda t: ["--executor", "pbs"], r"--executor='pbs'; use local or slurm"),
+    "coefficient not finite in float32": (
+        lambda t: ["--coefficients", "1e39"],
+        r"spec: scenario clean: plan: task_arithmetic: coefficient=1e\+39 is not finite in float32"),
 }
 
 
