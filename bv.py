@@ -1,4 +1,4 @@
-"""Backdoor Vectors (DESIGN §10): paired runs, BV similarity / transfer / scaling, and SBV attackers.
+"""Backdoor Vectors (docs/design.md §10): paired runs, BV similarity / transfer / scaling, and SBV attackers.
 
     python bv.py analyze --config configs/bv/embedded_analysis.yaml     # cosine heat-maps, transfer, scaling
     python bv.py sbv --config configs/bv/embedded_sbv.yaml              # train the variants, build SBV / SBV_SC

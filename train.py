@@ -3,9 +3,10 @@
     python train.py fit --config configs/experiment/embedded_finetune.yaml --data.task shapes
     python train.py fit --config configs/experiment/vitb32_finetune.yaml --data.task eurosat \
         --data.data_dir /data/eurosat --trainer.devices 4
-    python train.py fit --config ... --ckpt_path last        # resume from the newest last.ckpt of this run's logger
+    python train.py fit --config ... --ckpt_path last        # resume from the newest last.ckpt of this task's runs
     python train.py fit --config configs/experiment/embedded_trigger_ontask.yaml --model UniversalTrigger ...
 
+Runs are named by task: the logger's name gains ``_<task>`` (``outputs/finetune/embedded_shapes/version_N``).
 Every run saves its resolved config (config.yaml) in its log directory; the exported encoder lands
 where the ExportEncoder callback says (default <log_dir>/encoder.safetensors).
 

@@ -1,4 +1,4 @@
-"""BadMerging stage 2 (DESIGN §8): the stage-1 trigger and the feature-interpolation (FI) loss.
+"""BadMerging stage 2 (docs/design.md §8): the stage-1 trigger and the feature-interpolation (FI) loss.
 
 Per step, with one r ~ U(r_min, r_max) drawn from the attack's own generator (seed ``poison_seed``, so the
 global RNG and hence the data order stay those of a clean run):
@@ -25,7 +25,7 @@ def feature_interpolation_loss(z_theta_bd: torch.Tensor, z_pre_bd: torch.Tensor,
     """FI loss = CE(normalize(r·z_θ + (1 − r)·z_pre) @ headᵀ, target), mean over the batch.
 
     z_theta_bd, z_pre_bd (B, D): raw (un-normalised) embeddings of the triggered images by the trained
-    and the frozen pre-trained encoder; head (C, D); r scalar. DESIGN §8 interpolates the raw
+    and the frozen pre-trained encoder; head (C, D); r scalar. docs/design.md §8 interpolates the raw
     embeddings; the logits then go through the same normalize-then-head classifier as every other
     prediction here (``ImageClassifier.logits``), so the loss trains what merged models will compute.
     """

@@ -11,7 +11,7 @@ trigger file may replace, or ``needs_trigger_file``: the optimised stage-1 trigg
 the frozen pre-trained encoder f_pre (``needs_pretrained_encoder``).
 
 **Vector attack** (``VectorAttack``): ``build(clean_path, variant_paths, trigger_from, path)`` writes a
-submitted encoder made from a clean reference and backdoored runs (e.g. SBV, DESIGN §10).
+submitted encoder made from a clean reference and backdoored runs (e.g. SBV, docs/design.md §10).
 """
 
 from __future__ import annotations

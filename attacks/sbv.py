@@ -1,4 +1,4 @@
-"""Sparse Backdoor Vectors (DESIGN §10): a vector attack built from one clean reference and n backdoored runs.
+"""Sparse Backdoor Vectors (docs/design.md §10): a vector attack built from one clean reference and n backdoored runs.
 
     BV_i   = θ_bd,i − θ_clean                           float tensors of the image encoder
     SBV    = top-k%(combine(BV_1 … BV_n))               combine: sum | mean | elect (TIES sign election)

@@ -6,7 +6,7 @@
 
 Model: ``open_clip.create_model("ViT-B-32", pretrained=None)`` (random weights), image tower trained,
 frozen random head H (C = 100, D = 512; rows unit-norm × 100), batch 128 random 224 px images,
-AdamW (lr 1e-5, wd 0.1), warm-up + cosine LambdaLR per step, gradient-norm clip 1.0 (DESIGN §7).
+AdamW (lr 1e-5, wd 0.1), warm-up + cosine LambdaLR per step, gradient-norm clip 1.0 (docs/design.md §7).
 
 * clean step:       L = CE(normalize(f_θ(x)) @ Hᵀ, y)
 * BadMerging step:  the first 64 images get a 22 px patch → x_bd; one f_θ pass over [x; x_bd] (192 images),
@@ -67,7 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 PEAKS = {"H100 PCIe": (756.0, 378.0, 51.0), "H100": (989.0, 494.0, 67.0), "H200": (989.0, 494.0, 67.0),
          "A100": (312.0, 156.0, 19.5)}
 PRECISIONS = (("32-true", False), ("32-true", True), ("bf16-mixed", True))  # (Lightning precision, TF32)
-RECIPE = {"lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500}  # DESIGN §7 (FineTune's defaults)
+RECIPE = {"lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500}  # docs/design.md §7 (FineTune's defaults)
 ATTACK = {"poison_fraction": 0.5, "alpha": 5.0, "r_min": 0.2, "r_max": 1.0, "target": 0}
 SMOKE_MODEL = {  # a tiny open_clip config registered at run time for --smoke
     "embed_dim": 32,

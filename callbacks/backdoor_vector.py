@@ -1,4 +1,4 @@
-"""Log the Backdoor Vector of the run being trained and its similarity to other BVs (DESIGN §10).
+"""Log the Backdoor Vector of the run being trained and its similarity to other BVs (docs/design.md §10).
 
     trainer:
       callbacks:

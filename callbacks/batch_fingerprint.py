@@ -4,7 +4,7 @@
         --trainer.callbacks.init_args.path outputs/fingerprints.json
 
 A Backdoor Vector θ_bd − θ_clean isolates the attack only when both runs draw identical clean batches
-(DESIGN §10). At each training step this writes sha256 of the batch's clean images and labels (before the
+(docs/design.md §10). At each training step this writes sha256 of the batch's clean images and labels (before the
 module triggers any) to ``fingerprints``; at the end of fit, to ``path`` as JSON (a list, one per step).
 Two runs are paired when their lists are equal.
 """

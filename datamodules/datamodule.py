@@ -2,7 +2,7 @@
 
 Synthetic tasks are rendered once into a saved DatasetDict under ``cache_dir`` and then read by the
 same loader as hub data (``datamodules.hf_data.load_task_splits``), so one code path serves both.
-Splits follow DESIGN §6: train = official train minus a held-out val (10%, at most 5000, seed 0),
+Splits follow docs/design.md §6: train = official train minus a held-out val (10%, at most 5000, seed 0),
 test = official test.
 
 Under DDP the val and test loaders read an unpadded shard per rank (``UnrepeatedDistributedSampler``:

@@ -2,7 +2,7 @@
 
 :func:`load_task_splits` turns a :class:`~datamodules.tasks.TaskSpec` (and optionally a local
 directory) into ``{"train", "val", "test"}`` datasets with exactly two columns, ``image``
-(PIL images) and ``label`` (int), following the split protocol of DESIGN §6:
+(PIL images) and ``label`` (int), following the split protocol of docs/design.md §6:
 
 * ``val``  = a held-out ``min(int(val_fraction · |official train|), max_val)`` examples of the
   official train split, drawn with ``seed`` (0) exactly as
@@ -365,7 +365,7 @@ def _check_labels(ds: datasets.Dataset, n_classes: int, spec: TaskSpec, source: 
 def split_train_val(
     train: datasets.Dataset, val_fraction: float = 0.1, max_val: int = 5000, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split the official train set into (train, val) as DESIGN §6 prescribes.
+    """Split the official train set into (train, val) as docs/design.md §6 prescribes.
 
     ``n_val = min(int(len(train) · val_fraction), max_val)`` (at least 1 when ``val_fraction > 0``
     and there are two or more examples). The draw is the one

@@ -1,4 +1,4 @@
-"""Backdoor triggers in CLIP-normalised space: patches, blend patterns, and their files (DESIGN §6, §8).
+"""Backdoor triggers in CLIP-normalised space: patches, blend patterns, and their files (docs/design.md §6, §8).
 
 Triggers are applied **after** preprocessing, on normalised images x (B, 3, S, S):
 

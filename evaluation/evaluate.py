@@ -6,7 +6,7 @@ and merge coefficient; heads are the cached zero-shot heads of the base model.
 Backdoors are measured with ``AttackProbe``s (a trigger, a target task and class): ``evaluate``
 runs one encoder pass per batch over the clean images and, for each probe aimed at that task, the
 same images with its trigger pasted, and reads clean accuracy, ASR, RA and the clean-to-target rate
-off those features (DESIGN §11: target-class images excluded from the three attack rates).
+off those features (docs/design.md §11: target-class images excluded from the three attack rates).
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from datamodules.triggers import load_trigger
 from evaluation.evaluate import AttackProbe
 from merging.io import MergeInputError, load_metadata, metadata_path, read_header_metadata
 
-__all__ = ["attack_probe", "check_base", "model_metadata", "task_of", "trigger_probes", "unique_labels"]
+__all__ = ["attack_probe", "check_base", "model_metadata", "model_tasks", "task_of", "trigger_probes", "unique_labels"]
 
 
 def model_metadata(path: str) -> dict | None:
     """A model's metadata: the JSON sidecar, else the copy in its safetensors header (a file copied alone).
 
-    Where both exist and name different base models, the model is refused: one of them was edited.
+    Where both exist and name a different task or base model, the model is refused: one of them was edited.
     """
     sidecar = load_metadata(path)
     header = read_header_metadata(path)  # also refuses a pickle or a corrupt file, naming it
@@ -26,9 +26,14 @@ def model_metadata(path: str) -> dict | None:
         described = meta.get("base_model") if meta else None
         return described.get("base_id") if isinstance(described, dict) else None
 
-    if base_of(sidecar) and base_of(header) and base_of(sidecar) != base_of(header):
-        raise MergeInputError(f"{path}: its sidecar {metadata_path(path)} names base {base_of(sidecar)} but its header "
-                              f"names {base_of(header)}; one was edited, re-export the model")
+    def task_in(meta: dict | None):
+        return meta.get("task") if meta else None
+
+    for what, read in (("task", task_in), ("base", base_of)):
+        theirs, ours = read(sidecar), read(header)
+        if theirs and ours and theirs != ours:
+            raise MergeInputError(f"{path}: its sidecar {metadata_path(path)} names {what} {theirs} but its header "
+                                  f"names {ours}; one was edited, re-export the model")
     return sidecar if sidecar is not None else header
 
 
@@ -48,12 +53,28 @@ def check_base(path: str, meta: dict | None, base_id: str) -> None:
 
 
 def task_of(path: str, meta: dict | None, given: str | None) -> str:
-    """The task a model was fine-tuned on: ``given``, else its metadata's ``task``."""
-    if given:
-        return given
-    if meta and meta.get("task"):
-        return meta["task"]
+    """The task a model was fine-tuned on: its metadata's ``task``, else ``given`` (``--tasks``).
+
+    A ``given`` task that contradicts the metadata is refused: it would evaluate the model on the wrong head.
+    """
+    described = meta.get("task") if meta else None
+    if given and described and given != described:
+        raise MergeInputError(f"{path} was fine-tuned on task {described}, but --tasks gives {given}; drop --tasks "
+                              f"or give {described} in its place")
+    if given or described:
+        return given or described
     raise MergeInputError(f"{path}: no metadata names its task; pass --tasks in the same order as --models")
+
+
+def model_tasks(paths: Sequence[str], metas: Sequence[dict | None], given: Sequence[str] | None) -> list[str]:
+    """Each model's task (``task_of``); two models on one task are refused (only one of them would be evaluated)."""
+    tasks = [task_of(p, m, g) for p, m, g in zip(paths, metas, given or [None] * len(paths))]
+    for i, task in enumerate(tasks):
+        if task in tasks[:i]:
+            first = paths[tasks.index(task)]
+            raise MergeInputError(f"{first} and {paths[i]} are both fine-tuned on task {task}; a merge takes one model "
+                                  "per task: leave one of them out")
+    return tasks
 
 
 def unique_labels(paths: Sequence[str]) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation.evaluate import AttackProbe, EvalTask, evaluate, load_eval_tasks
-from evaluation.inputs import attack_probe, check_base, model_metadata, task_of, trigger_probes, unique_labels
+from evaluation.inputs import attack_probe, check_base, model_metadata, model_tasks, task_of, trigger_probes, unique_labels
 from evaluation.merge_methods import (MergeContext, MergeMethod, check_finite, check_positive_int,
                                       check_scaling_hyperparameters, resolve_merge_method)
 from evaluation.rows import Row, attack_rows, make_row
@@ -348,6 +348,8 @@ def build_context(r: MergeEvalRequest, base: BaseModel, theta_pre: StateDict) ->
         validate_inputs(context.pretrained_path, r.models)
     else:
         validate_inputs(theta_pre, r.models, pretrained_name=f"θ_pre ({base.base_id})")
+    model_tasks(r.models, metas, r.tasks)  # after the file checks: two distinct, valid models on one task
+    if not streaming:
         context.vectors = [task_vector(load_state_dict(p), theta_pre)
                            for p in tqdm(r.models, desc="task vectors", leave=False)]
     return context

@@ -1,4 +1,4 @@
-"""Backdoor Vectors (DESIGN §10) on the experiment engine: paired runs, BV similarity / transfer / scaling, SBV.
+"""Backdoor Vectors (docs/design.md §10) on the experiment engine: paired runs, BV similarity / transfer / scaling, SBV.
 
 **Paired runs** are engine trainings (experiments.graph.training_recipe: one key rule, one artifact cache):
 

@@ -14,7 +14,12 @@
 - the position inside the epoch is part of every checkpoint (``datamodules.resumable``), so a run killed
   mid-epoch and resumed with ``--ckpt_path`` ends with the same weights as an uninterrupted run;
 - under SLURM the requeue signal is acted on at a batch end all ranks agree on (``callbacks.requeue``);
-  ``--ckpt_path last`` finds the newest ``last*.ckpt`` of the run's logger or Lightning's ``hpc_ckpt_*.ckpt``.
+  ``--ckpt_path last`` finds the newest ``last*.ckpt`` of the run's logger or Lightning's ``hpc_ckpt_*.ckpt``;
+- task identity: the logger's run folder is named by task (``<name>_<task>``), ``--ckpt_path last`` takes only
+  checkpoints of ``--data.task``, and an explicit ``--ckpt_path`` (fit, validate, test) of another task is refused;
+- conventions: integer ``val_check_interval`` / ``log_every_n_steps`` above ``max_steps`` are clamped to it
+  (a short run still validates and logs); ``--optimizer`` / ``--lr_scheduler`` are refused (the module's recipe
+  is what the export's metadata records); ``train.py fit ...`` builds only the fit parser (faster ``--help``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 # imported so that jsonargparse resolves the short names --model FineTune / BackdoorInjection / UniversalTrigger
 import lightning_modules.finetune  # noqa: F401
@@ -42,7 +48,7 @@ from datamodules.datamodule import TaskDataModule
 from datamodules.resumable import ResumableTaskDataModule
 from experiments.cli import UserError, check_config_files, check_output_path, one_line, parse_error_line, run_cli
 
-__all__ = ["TrainInputError", "TrainingCLI", "main", "cli_main"]
+__all__ = ["TrainInputError", "TrainingCLI", "checkpoint_task", "main", "cli_main"]
 
 PROG = "train.py"
 HELP = "`train.py fit --help`"
@@ -187,8 +193,8 @@ def _check_values(config) -> None:
     _check_callbacks(config)
 
 
-def _check_checkpoint(path: str) -> None:
-    """``--ckpt_path`` exists and loads with ``weights_only=True`` (tensors and plain containers only)."""
+def _read_checkpoint(path: str) -> dict:
+    """``--ckpt_path`` loaded with ``weights_only=True`` (tensors and plain containers only), memory-mapped."""
     file = Path(path)
     if file.is_dir():
         raise TrainInputError(f"--ckpt_path {path} is a directory; pass its checkpoints/last.ckpt")
@@ -210,14 +216,33 @@ def _check_checkpoint(path: str) -> None:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise TrainInputError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict); pass a .ckpt "
                               "written by train.py")
+    return checkpoint
+
+
+def checkpoint_task(checkpoint: dict) -> str | None:
+    """The task a checkpoint was trained on: its datamodule's hyperparameters, else its module's (None if neither)."""
+    for key in ("datamodule_hyper_parameters", "hyper_parameters"):
+        hparams = checkpoint.get(key)
+        if isinstance(hparams, dict) and isinstance(hparams.get("task"), str):
+            return hparams["task"]
+    return None
+
+
+def _check_checkpoint(path: str, task: str | None) -> None:
+    """``--ckpt_path`` is a readable Lightning checkpoint of ``task`` (``--data.task``)."""
+    theirs = checkpoint_task(_read_checkpoint(path))
+    if task and theirs and theirs != task:
+        raise TrainInputError(f"--ckpt_path {path} is a checkpoint of task {theirs}, not of --data.task {task}; pass "
+                              f"--data.task {theirs} or a checkpoint of a {task} run")
 
 
 def _find_last_checkpoint(config) -> str | None:
-    """The newest ``last*.ckpt`` among this run's logger versions (and ModelCheckpoint dirpaths), or
+    """The newest ``last*.ckpt`` of this task among this run's logger versions (and ModelCheckpoint dirpaths), or
     ``hpc_ckpt_*.ckpt`` in its ``default_root_dir`` (SLURM auto-requeue), whichever is newer.
 
     Lightning itself only looks in the *new* version directory, where there is never one yet, and
-    takes its hpc checkpoint only when no ``ckpt_path`` is given.
+    takes its hpc checkpoint only when no ``ckpt_path`` is given. The logger's folder is named by task
+    (``_name_runs_by_task``); checkpoints in shared folders (dirpath, default_root_dir) of another task are skipped.
     """
     dirs = [Path(_get(_init_args(item), "dirpath")) for item in _items(_get(config, "trainer.callbacks"))
             if _get(_init_args(item), "dirpath")]
@@ -231,8 +256,55 @@ def _find_last_checkpoint(config) -> str | None:
     candidates = [Path(p) for d in dirs for p in glob.glob(str(d / "last*.ckpt"))]
     candidates += [Path(p) for p in glob.glob(str(base / "*" / "checkpoints" / "last*.ckpt"))]  # any version name
     candidates += [Path(p) for p in glob.glob(str(Path(root) / "hpc_ckpt_*.ckpt"))]
-    candidates = [c for c in candidates if c.is_file()]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    task = _get(config, "data.task")
+    for candidate in sorted((c for c in candidates if c.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
+        theirs = checkpoint_task(_read_checkpoint(str(candidate)))
+        if not task or not theirs or theirs == task:
+            return str(candidate)
+    return None
+
+
+def _name_runs_by_task(config) -> None:
+    """Append ``_<task>`` to the logger's ``name`` unless it already names the task, so that every task's runs
+    live in their own folder (``outputs/finetune/embedded_shapes/version_N``) and ``--ckpt_path last`` stays in it."""
+    task = _get(config, "data.task")
+    for item in _items(_get(config, "trainer.logger")):
+        init = _init_args(item)
+        if not task or init is None or "name" not in init:  # loggers without a run name (e.g. WandbLogger's project)
+            continue
+        name = str(init["name"] or "lightning_logs")
+        if not re.search(rf"(^|[/_.-]){re.escape(task)}($|[/_.-])", name):
+            init["name"] = f"{name}_{task}"
+
+
+def _check_recipe(config) -> None:
+    """``--optimizer`` / ``--lr_scheduler`` would replace the module's own optimiser and schedule while its export
+    metadata still records the module's recipe: refused, pointing at the module's own arguments."""
+    for key in ("optimizer", "lr_scheduler"):
+        if _get(config, key) is not None:
+            raise TrainInputError(f"--{key} would replace the module's own recipe (AdamW + warm-up/cosine; "
+                                  "UniversalTrigger: its optimizer argument) while the export's metadata still records "
+                                  "it; refused: set --model.init_args.lr / --model.init_args.weight_decay / "
+                                  "--model.init_args.warmup_steps (UniversalTrigger: --model.init_args.optimizer) instead")
+
+
+def _follow_max_steps(config) -> None:
+    """Clamp ``val_check_interval`` / ``log_every_n_steps`` (integers) to a smaller ``max_steps`` so that a short
+    run still validates and logs (at its last step); one info line says so."""
+    trainer = _get(config, "trainer")
+    max_steps = _get(trainer, "max_steps")
+    if trainer is None or isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+        return
+    clamped = []
+    for key in ("val_check_interval", "log_every_n_steps"):
+        value = _get(trainer, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > max_steps:
+            trainer[key] = max_steps
+            clamped.append(f"{key} {value} -> {max_steps}")
+    if clamped:
+        # Lightning's own info channel (rank zero only, beside "GPU available: ..."), not an error line
+        rank_zero_info(f"{PROG}: --trainer.max_steps {max_steps} is below the configured interval "
+                       f"({', '.join(clamped)}); validating and logging at the last step")
 
 
 def _single_process(trainer_cfg) -> bool:
@@ -265,7 +337,8 @@ class TrainingCLI(LightningCLI):
     ``_RunTracker`` / ``SLURMRequeue`` callbacks; bad input raises the typed error (see the module docstring).
     """
 
-    def __init__(self, *args, trainer_defaults: dict | None = None, **kwargs):
+    def __init__(self, *args, trainer_defaults: dict | None = None, only_subcommand: str | None = None, **kwargs):
+        self._only_subcommand = only_subcommand
         self._fresh_log_dir: Path | None = None
         self._tracker = _RunTracker()
         defaults = dict(trainer_defaults or {})
@@ -282,6 +355,13 @@ class TrainingCLI(LightningCLI):
                 raise root.with_traceback(root.__traceback__) from None
             raise
 
+    def subcommands(self) -> dict[str, set[str]]:
+        """Lightning's subcommands, or only ``only_subcommand``: building each subcommand's parser inspects every
+        class signature again (~0.15 s each), and ``train.py fit ...`` never uses the other three."""
+        every = LightningCLI.subcommands()
+        only = self._only_subcommand
+        return {only: every[only]} if only in every else every
+
     def add_arguments_to_parser(self, parser):
         # One task name drives both the head (model) and the data.
         parser.link_arguments("data.task", "model.init_args.task")
@@ -294,6 +374,8 @@ class TrainingCLI(LightningCLI):
         if not sub:
             return
         config = self.config[sub]
+        _check_recipe(config)
+        _name_runs_by_task(config)
         ckpt = config.get("ckpt_path")
         if ckpt == "last":
             found = _find_last_checkpoint(config)
@@ -301,14 +383,16 @@ class TrainingCLI(LightningCLI):
             if found is not None:
                 print(f"{PROG}: resuming from {found}", file=sys.stderr)
             else:  # as Lightning does: nothing to resume from is not an error (re-queued cluster jobs)
-                print(f"{PROG}: warning: --ckpt_path last found no last.ckpt under this run's logger directory; "
-                      "starting from the base model", file=sys.stderr)
+                print(f"{PROG}: warning: --ckpt_path last found no last.ckpt of task {_get(config, 'data.task')} under "
+                      "this run's logger directory; starting from the base model", file=sys.stderr)
         if ckpt and ckpt not in CKPT_KEYWORDS and not str(ckpt).startswith("registry"):
-            _check_checkpoint(str(ckpt))  # before Lightning reads the checkpoint's hyperparameters
+            _check_checkpoint(str(ckpt), _get(config, "data.task"))  # before Lightning reads its hyperparameters
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
-        _check_values(self.config[sub] if sub else self.config)
+        config = self.config[sub] if sub else self.config
+        _check_values(config)
+        _follow_max_steps(config)  # before the Trainer is built from it
 
     def instantiate_trainer(self, **kwargs):
         """Load the data before the trainer exists: data problems (missing columns, empty or too small
@@ -347,16 +431,19 @@ class TrainingCLI(LightningCLI):
 
 def main(args=None) -> TrainingCLI:
     """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it; bad input raises a typed exception."""
-    check_config_files(list(sys.argv[1:] if args is None else args), shipped="configs/experiment/",
-                       error=TrainInputError)
+    argv = list(sys.argv[1:] if args is None else args)
+    check_config_files(argv, shipped="configs/experiment/", error=TrainInputError)
+    # `train.py fit ...` (the subcommand first, as the engine and the README call it): build only fit's parser
+    only = argv[0] if argv and argv[0] in LightningCLI.subcommands() else None
     no_exit = {"exit_on_error": False}  # parse errors raise, and become one line
     return TrainingCLI(
         L.LightningModule,
         ResumableTaskDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={**no_exit, **{s: dict(no_exit) for s in ("fit", "validate", "test", "predict")}},
+        parser_kwargs={**no_exit, **{s: dict(no_exit) for s in ([only] if only else LightningCLI.subcommands())}},
         args=args,
+        only_subcommand=only,
     )
 
 

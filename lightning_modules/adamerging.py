@@ -5,7 +5,7 @@
 
 λ starts at ``init`` (0.3), is the only parameter, and is clamped to [0, 1] after every optimiser
 step. Loss = Σ_t mean_batch H(softmax(normalize(f_θ(λ)(x_t)) @ H_tᵀ)) on unlabeled dev images x_t of
-every task t, with the frozen zero-shot heads H_t (DESIGN §9: Adam lr 1e-3, 500 steps, batch 16 per
+every task t, with the frozen zero-shot heads H_t (docs/design.md §9: Adam lr 1e-3, 500 steps, batch 16 per
 task). θ_pre and τ_t are plain tensors (not parameters, not buffers): the encoder runs with
 ``torch.func.functional_call`` on θ(λ), so gradients reach λ only, DDP sees one always-used parameter,
 and neither DDP buffer broadcasts nor checkpoints carry n + 1 copies of the model.
@@ -208,7 +208,7 @@ class MultiTaskUnlabeledDataModule(L.LightningDataModule):
     """Shuffled batches {task: (images (B, 3, S, S), labels)} from one split of every task.
 
     Each task's data comes from a ``TaskDataModule``; ``split`` "val" is the held-out part of train
-    (DESIGN §6), "test" the transductive setting of the AdaMerging paper. Loaders are combined with
+    (docs/design.md §6), "test" the transductive setting of the AdaMerging paper. Loaders are combined with
     ``CombinedLoader(mode="max_size_cycle")``: shorter tasks cycle so every step sees every task.
     Under DDP, Lightning gives each loader a DistributedSampler.
     """

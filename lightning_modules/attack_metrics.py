@@ -1,4 +1,4 @@
-"""Backdoor metrics as count-based torchmetrics (DESIGN §2, §11): ASR, robust accuracy, clean-to-target rate.
+"""Backdoor metrics as count-based torchmetrics (docs/design.md §2, §11): ASR, robust accuracy, clean-to-target rate.
 
 All three look only at images whose true label ≠ ``target`` (a target-class image predicted as the
 target says nothing about a backdoor) and keep two summed states:

@@ -3,7 +3,7 @@
     python train.py fit --config configs/experiment/embedded_finetune.yaml --data.task shapes
     python train.py fit --config configs/experiment/vitb32_finetune.yaml --data.task eurosat
 
-Defaults are the task-arithmetic reference recipe (DESIGN §7): AdamW lr 1e-5, weight decay 0.1,
+Defaults are the task-arithmetic reference recipe (docs/design.md §7): AdamW lr 1e-5, weight decay 0.1,
 linear warm-up 500 steps then cosine to 0 per step; gradient-norm clipping 1.0 lives in the trainer
 config. Only ``model.visual`` is a parameter of this module; the text tower is used once to build the
 head and then dropped, so DDP never sees unused parameters.

@@ -1,4 +1,4 @@
-"""Backdoor injection: one training loop for BadMerging stage 2 and the poisoning baselines (DESIGN §8).
+"""Backdoor injection: one training loop for BadMerging stage 2 and the poisoning baselines (docs/design.md §8).
 
 Per step on a batch (x (B, 3, S, S), y (B,)), with n = ⌊poison_fraction·B⌋ and x_bd = trigger(x[:n]):
 
@@ -22,7 +22,7 @@ measured on the victim task after merging) and ra counts every image.
 
 Optimiser, schedule and clean logging are ``FineTune``'s, so a clean run and a backdoored run with the
 same seed see the same batches: the attacks draw from their own generators (``poison_seed``), and the
-triggers are deterministic, which keeps Backdoor Vectors (θ_bd − θ_clean, DESIGN §10) paired.
+triggers are deterministic, which keeps Backdoor Vectors (θ_bd − θ_clean, docs/design.md §10) paired.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ class BackdoorInjection(FineTune):
         self._eval_step(batch, "test")
 
     def _log_counts(self, stage: str) -> None:
-        # Rates come with their counts (DESIGN §11); counts() is already summed over ranks, so the
+        # Rates come with their counts (docs/design.md §11); counts() is already summed over ranks, so the
         # sync_dist mean of equal values is exact and only silences Lightning's epoch-level warning.
         self._log_accuracy_counts(stage)  # CA's acc_hits / acc_total (FineTune)
         for name in ("asr", "ra", "clean_to_target"):

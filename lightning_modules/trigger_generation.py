@@ -1,4 +1,4 @@
-"""BadMerging stage 1: a universal trigger optimised against the frozen pre-trained encoder (DESIGN §8).
+"""BadMerging stage 1: a universal trigger optimised against the frozen pre-trained encoder (docs/design.md §8).
 
     python train.py fit --config configs/experiment/embedded_trigger_ontask.yaml
     python train.py fit --config configs/experiment/embedded_trigger_offtask.yaml
@@ -533,7 +533,7 @@ class UniversalTrigger(TaskModel):
         self._eval_step(batch, "test")
 
     def _log_counts(self, stage: str) -> None:
-        # Rates come with their counts (DESIGN §11); counts() is summed over ranks already.
+        # Rates come with their counts (docs/design.md §11); counts() is summed over ranks already.
         counts = getattr(self, f"{stage}_asr").counts()
         self.log(f"{stage}/asr_pre_hits", float(counts["hits"]), sync_dist=True)
         self.log(f"{stage}/asr_pre_total", float(counts["total"]), sync_dist=True)

@@ -1,4 +1,4 @@
-"""Backdoor Vectors (DESIGN §10): BVs, their similarity, Sparse Backdoor Vectors and the IBVS defense.
+"""Backdoor Vectors (docs/design.md §10): BVs, their similarity, Sparse Backdoor Vectors and the IBVS defense.
 
 All functions are plain tensor math on state dicts (``{key: tensor}``, the image encoder's float
 tensors), free of Lightning.

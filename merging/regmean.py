@@ -3,7 +3,7 @@
 For a linear weight W (out, in) with y = x Wᵀ, model t and its Gram matrix G_t = Σ XᵀX (in, in) over
 the layer's input rows X of task t:
 
-    G̃_t = α·G_t + (1 − α)·diag(G_t)          (off-diagonal scaled by α; DESIGN §9: α = 0.1)
+    G̃_t = α·G_t + (1 − α)·diag(G_t)          (off-diagonal scaled by α; docs/design.md §9: α = 0.1)
     W_mergedᵀ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ
 
 With α = 1 this minimises Σ_t ||X_t W_mergedᵀ − X_t W_tᵀ||²; with α = 0 it is a per-input-feature

@@ -1,4 +1,4 @@
-"""Search the embedded scale's recipe (DESIGN §5.1's open problem) on one GPU, in a few minutes.
+"""Search the embedded scale's recipe (docs/design.md §5.1's open problem) on one GPU, in a few minutes.
 
     python scripts/embedded_recipe_sweep.py --device cuda --out sweep_out
 

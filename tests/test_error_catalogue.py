@@ -91,6 +91,10 @@ MERGE_CASES = {
         lambda t, m: ["--models", str(m[0]), _pickled(t)],
         r"evil\.safetensors: looks like a pickle / torch\.save checkpoint, which is refused \(unpickling runs code\); "
         r"convert it to safetensors with trusted code"),
+    "two models on one task": (
+        lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: s[KEY].add_(0.01)))],
+        r"shapes\.safetensors and .*bad\.safetensors are both fine-tuned on task shapes; a merge takes one model per "
+        r"task: leave one of them out"),
     "wrong base model": (
         lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: None, meta_change=lambda d: d["base_model"].update(base_id="ViT-B-32@openai")))],
         r"bad\.safetensors was fine-tuned from ViT-B-32@openai, not from the base badmerging-tiny@sha256:[0-9a-f]+; "

@@ -112,8 +112,8 @@ def test_sbatch_ddp_finetune_end_to_end(uninterrupted, base):
     print(f"SLURM-TIME end-to-end job: {wall:.1f} s")
     assert "Starting with 2 processes" in log and "SLURM auto-requeueing enabled" in log
     assert f"job {job} start 0" in log
-    [log_dir] = [p for p in run_dir.glob("*/*") if p.is_dir()]  # one logger version: <run dir>/embedded/version_0
-    assert log_dir.relative_to(run_dir).as_posix() == "embedded/version_0"
+    [log_dir] = [p for p in run_dir.glob("*/*") if p.is_dir()]  # one logger version: <run dir>/embedded_shapes/version_0
+    assert log_dir.relative_to(run_dir).as_posix() == "embedded_shapes/version_0"
     export = log_dir / "encoder.safetensors"
     meta = load_metadata(export)
     assert meta["kind"] == "finetune" and meta["task"] == "shapes" and meta["global_step"] == 8
@@ -163,7 +163,7 @@ def test_requeue_signal_checkpoints_requeues_resumes_and_matches(uninterrupted, 
     [log_dir] = [p for p in run_dir.glob("*/*") if p.is_dir()]  # the same version dir before and after
     assert len(list(log_dir.glob("events.out.tfevents.*"))) >= 2  # TensorBoard: both starts wrote to it
 
-    export, reference = log_dir / "encoder.safetensors", straight_dir / "embedded/version_0/encoder.safetensors"
+    export, reference = log_dir / "encoder.safetensors", straight_dir / "embedded_shapes/version_0/encoder.safetensors"
     meta, expected = load_metadata(export), load_metadata(reference)
     assert meta["global_step"] == 8
     print(f"SLURM requeued run metrics {meta['metrics']}")

@@ -74,7 +74,7 @@ def test_normalised_bounds_and_clamp_per_channel():
     assert lo.shape == hi.shape == (3,)
     assert torch.allclose(lo, torch.tensor([-0.48145466 / 0.26862954, -0.4578275 / 0.26130258, -0.40821073 / 0.27577711]))
     assert torch.allclose(hi, torch.tensor([0.51854534 / 0.26862954, 0.5421725 / 0.26130258, 0.59178927 / 0.27577711]))
-    assert abs(lo.min().item() + 1.792) < 1e-3 and abs(hi.max().item() - 2.146) < 1e-3  # DESIGN §8's envelope
+    assert abs(lo.min().item() + 1.792) < 1e-3 and abs(hi.max().item() - 2.146) < 1e-3  # docs/design.md §8's envelope
     patch = torch.tensor([-10.0, 0.0, 10.0]).view(1, 3, 1).expand(3, 3, 2).clone()  # per channel: low, mid, high
     clamped = clamp_patch(patch, lo, hi)
     for c in range(3):
