@@ -31,7 +31,8 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from experiments.bv import BASE_CONFIG, CLEAN_CONFIG, BVInputError, analyze, sbv  # noqa: F401
-from experiments.cli import check_config_files, run_cli
+from experiments.cli import (DEVICE_HELP, add_tasks_file_argument, check_config_files, load_tasks_files, resolve_device,
+                             run_cli, take_tasks_files)
 
 PROG = "bv.py"
 
@@ -44,6 +45,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Backdoor Vectors: analysis and Sparse Backdoor Vectors.", exit_on_error=False)
     p.add_argument("command", choices=["analyze", "sbv"])
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these settings (configs/bv/)")
+    add_tasks_file_argument(p)
     p.add_argument("--out_dir", type=str, default="outputs/bv")
     p.add_argument("--cache_dir", type=str, default=".cache/badmerging", help="data, heads and the artifact cache")
     p.add_argument("--model_name", type=str, default=EMBEDDED_MODEL)
@@ -68,18 +70,38 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--build_only", type=bool, default=False, help="build the SBVs from trained runs only")
     # evaluation
     p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help=DEVICE_HELP)
     p.add_argument("--synthetic_train_size", type=int, default=40000)
     p.add_argument("--synthetic_test_size", type=int, default=1000)
     return p
 
 
-def main(argv=None):
+def _check_gpu_ids(devices: list[int]) -> None:
+    """``--devices``: GPU ids of this machine (the trainings would fail one by one otherwise)."""
+    if not devices:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [d for d in devices if d < 0 or d >= count]
+    if bad:
+        have = f"{count} GPU(s), ids 0..{count - 1}" if count else "no usable CUDA GPU"
+        raise BVInputError(f"--devices {' '.join(map(str, devices))}: {bad} not on this machine, which has {have}; "
+                           + ("pass ids among them" if count else "leave --devices out (trainings on CPU)"))
+
+
+def main(argv=None, *, state: dict | None = None):
     """Run the command; returns bv_analysis.json's path (analyze) or the exported SBV paths (sbv).
     Bad input raises a ``ValueError`` (``BVInputError``, ...); ``cli_main`` turns it into one line and exit 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, files = take_tasks_files(sys.argv[1:] if argv is None else argv, error=BVInputError)
     check_config_files(argv, shipped="configs/bv/", error=BVInputError)
     cfg = build_parser().parse_args(argv)
+    load_tasks_files(cfg.tasks_file)  # named in a --config
+    cfg.tasks_file = [*files, *cfg.tasks_file]
+    cfg.device = resolve_device(cfg.device, error=BVInputError)
+    _check_gpu_ids(cfg.devices)
+    if state is not None:
+        state["cfg"] = cfg
     if cfg.jobs < 1:
         raise BVInputError(f"--jobs={cfg.jobs} must be a positive integer (1: in this process)")
     if cfg.array_index is not None and cfg.array_index < 0:
@@ -95,10 +117,19 @@ def main(argv=None):
 
 def cli_main(argv=None) -> int:
     """``python bv.py``: 0, or 2 with one line ``bv.py: error: ...`` on stderr for bad input."""
-    def body() -> None:
-        main(argv)
+    state: dict = {}
 
-    return run_cli(PROG, body)
+    def body() -> None:
+        main(argv, state=state)
+
+    def interrupted() -> str:
+        if "cfg" not in state:
+            return "nothing was run; rerun the command"
+        artifacts = Path(state["cfg"].cache_dir) / "artifacts"
+        return (f"every finished training is kept in {artifacts} (an unfinished one's checkpoints in "
+                f"{artifacts / '.work'}); rerun the same command to resume from there")
+
+    return run_cli(PROG, body, interrupted=interrupted)
 
 
 if __name__ == "__main__":

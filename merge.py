@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from defenses import defense_setting, defense_settings
-from evaluation.merge_eval import MergeEvalRequest, PlanEntry, evaluate_merges
-from evaluation.rows import OutputSnapshot, rows_table, write_results
-from experiments.cli import check_config_files, run_cli
-from merging.io import MergeInputError, check_output_path
-from modeling.clip import EMBEDDED_MODEL
+from experiments.cli import (DEVICE_HELP, add_tasks_file_argument, check_config_files, load_tasks_files, resolve_device,
+                             run_cli, take_tasks_files)
+
+if TYPE_CHECKING:
+    from evaluation.merge_eval import MergeEvalRequest
+
+# torch, open_clip and the evaluation stack are imported once the flags are parsed (``merge.py --help`` stays fast)
 
 #: where the IBVS flags put their values in the defense setting (its messages name the flags)
 IBVS_FLAGS = {"defense": "--defense", "inputs.clean": "--ibvs_clean", "inputs.backdoored": "--ibvs_backdoored",
@@ -44,7 +45,9 @@ IBVS_FLAGS = {"defense": "--defense", "inputs.clean": "--ibvs_clean", "inputs.ba
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Merge exported image encoders and evaluate the merge.", prog="merge.py")
     p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--model_name", type=str, default=EMBEDDED_MODEL, help="open_clip model name of θ_pre")
+    add_tasks_file_argument(p)
+    p.add_argument("--model_name", type=str | None, default=None,
+                   help="open_clip model name of θ_pre (default: the embedded base model, modeling.clip.EMBEDDED_MODEL)")
     p.add_argument("--pretrained", type=str | None, default=None, help="pretrained tag or local weights of θ_pre")
     p.add_argument("--models", type=str, nargs="+", default=[], help="exported encoders (safetensors) to merge")
     p.add_argument("--probe_models", type=str, nargs="+", default=[],
@@ -65,8 +68,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tasks", type=str, nargs="+", default=None, help="task of each model (default: from metadata)")
     p.add_argument("--eval_tasks", type=str, nargs="+", default=None, help="tasks to evaluate (default: the models' tasks)")
     p.add_argument("--method", type=str, default="task_arithmetic",
-                   help="task_arithmetic, weight_average, ties, dare, breadcrumbs, consensus, regmean, adamerging, or a "
-                        "MergeMethod class path")
+                   help="a registered merge method (evaluation.merge_methods.REGISTRY; an unknown name's error lists "
+                        "them all) or a MergeMethod class path such as my_module.MyMethod")
     p.add_argument("--coefficients", type=float, nargs="+", default=[0.3], help="merge coefficients λ to evaluate")
     p.add_argument("--hparams", type=dict, default={}, help="other hyperparameters of the method, e.g. {k: 20}")
     p.add_argument("--select_on", type=str | None, default=None, help="'val': pick the coefficient with the best mean normalised accuracy on the val split")
@@ -84,14 +87,30 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--cache_dir", type=str, default=".cache/badmerging")
     p.add_argument("--data_dirs", type=dict[str, str], default={}, help="task -> local data directory")
     p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=str, default="auto", help=DEVICE_HELP)
     p.add_argument("--synthetic_train_size", type=int, default=40000, help="synthetic tasks: the renders the fine-tunes used (val is held out of train)")
     p.add_argument("--synthetic_test_size", type=int, default=1000)
     return p
 
 
+def resolve(cfg):
+    """Fill the defaults that need torch or the model code (``--model_name``, ``--device auto``) and check the device
+    against this machine; returns ``cfg`` (changed in place), before any work."""
+    if cfg.model_name is None:
+        from modeling.clip import EMBEDDED_MODEL
+
+        cfg.model_name = EMBEDDED_MODEL
+    cfg.device = resolve_device(cfg.device)
+    return cfg
+
+
 def build_request(cfg) -> MergeEvalRequest:
     """The evaluation request of parsed merge.py flags (``--plan`` or the single-method flags; the defense flags)."""
+    from defenses import defense_setting, defense_settings
+    from evaluation.merge_eval import MergeEvalRequest, PlanEntry
+    from merging.io import MergeInputError
+
+    cfg = resolve(cfg)
     plan = cfg.plan or [PlanEntry(cfg.method, coefficients=cfg.coefficients, hparams=cfg.hparams, select_on=cfg.select_on)]
     defenses = defense_settings(cfg.defenses or [])
     if cfg.defense != "none":
@@ -108,6 +127,10 @@ def build_request(cfg) -> MergeEvalRequest:
 
 def run(cfg) -> Path | None:
     """Merge, evaluate, write results; returns the path of results.json (None without evaluation)."""
+    from evaluation.merge_eval import evaluate_merges
+    from evaluation.rows import rows_table, write_results
+    from merging.io import check_output_path
+
     request = build_request(cfg)
     if cfg.evaluate:
         check_output_path(cfg.out_dir, "--out_dir", is_dir=True)
@@ -126,19 +149,26 @@ def main(argv=None) -> int:
     ``BADMERGING_TRACEBACK=1`` re-raises instead (full traceback). A failed run leaves no partial outputs.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    snapshot: list[OutputSnapshot] = []
+    snapshot: list = []
 
     def body() -> None:
-        check_config_files(argv, shipped="configs/merge/")
+        args, files = take_tasks_files(argv)  # registered before any task name is read
+        check_config_files(args, shipped="configs/merge/")
         parser = build_parser()
         parser.exit_on_error = False  # parse errors become one line, not usage + message
-        cfg = parser.parse_args(argv)
+        cfg = parser.parse_args(args)
+        load_tasks_files(cfg.tasks_file)  # named in a --config
+        cfg.tasks_file = [*files, *cfg.tasks_file]  # recorded in results.json
+        resolve(cfg)
+        from evaluation.rows import OutputSnapshot
+
         snapshot.append(OutputSnapshot.take(cfg.out_dir if cfg.evaluate else None, cfg.export))
         path = run(cfg)
         if path is not None:
             print(path)
 
-    return run_cli("merge.py", body, cleanup=lambda: [s.remove_partial_outputs() for s in snapshot])
+    return run_cli("merge.py", body, cleanup=lambda: [s.remove_partial_outputs() for s in snapshot],
+                   interrupted="nothing was written (partial outputs removed; caches kept); rerun the command")
 
 
 if __name__ == "__main__":

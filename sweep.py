@@ -21,11 +21,13 @@ the fix (``BADMERGING_TRACEBACK=1`` shows the traceback); see ERRORS.md. SIGUSR1
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from experiments.cli import check_config_files, config_values, run_cli
-from experiments.sweep import DEFAULT_SPEC, SweepError, array_slice, list_cells, resolve, run, settings_from
+from experiments.cli import (add_tasks_file_argument, check_config_files, config_values, load_tasks_files, run_cli,
+                             take_tasks_files)
+from experiments.sweep import DEFAULT_SPEC, TABLE, SweepError, array_slice, list_cells, resolve, run, settings_from
 
 PROG = "sweep.py"
 
@@ -34,6 +36,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="the sweep YAML (configs/sweep/)")
     p.add_argument("--spec", type=str, default=DEFAULT_SPEC, help="the experiment spec the grid takes its parts from")
+    add_tasks_file_argument(p)
     p.add_argument("--out_dir", type=str | None, default=None, help="default: outputs/sweep/<config file stem>")
     p.add_argument("--cache_dir", type=str, default=".cache/badmerging", help="data, heads and the artifact cache")
     p.add_argument("--tasks", type=str, nargs="+", default=None, help="tasks to merge (default: the spec's)")
@@ -52,22 +55,33 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """``python sweep.py``: exit status 0, or 2 with one line ``sweep.py: error: ...`` on stderr for bad input."""
-    args = sys.argv[1:] if argv is None else list(argv)
+    """``python sweep.py``: exit status 0, or 2 with one line ``sweep.py: error: ...`` on stderr for bad input;
+    130 on Ctrl-C (finished cells stay in the table, and the same command resumes)."""
+    state: dict = {}
 
     def body() -> int:
+        args, _files = take_tasks_files(sys.argv[1:] if argv is None else argv, error=SweepError)
         check_config_files(args, shipped="configs/sweep/", error=SweepError)
         a = build_parser().parse_args(args)
+        load_tasks_files(a.tasks_file)  # named in the sweep config: before its task names are checked
         index, count = array_slice(a.array_index, a.array_count)
         configs = config_values(args)
         sweep = resolve(settings_from(a), configs[-1] if configs else "the sweep settings")
+        state["sweep"] = sweep
         if a.list:
             print("\n".join(list_cells(sweep, count)))
             return 0
         print(run(sweep, index, count))
         return 0
 
-    return run_cli(PROG, body)
+    def interrupted() -> str:
+        sweep = state.get("sweep")
+        if sweep is None:
+            return "nothing was run; rerun the command"
+        return (f"every finished cell is kept in {Path(sweep.out_dir) / TABLE} (and its models in the cache); rerun the "
+                "same command to resume with the cells still to do")
+
+    return run_cli(PROG, body, interrupted=interrupted)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class TaskDataModule(L.LightningDataModule):
     Args:
         task: a registered task name (``get_task``), e.g. ``shapes`` or ``cifar100``.
         data_dir: local copy of a real task (saved dataset, imagefolder or hub-format folder);
-            ``None`` loads ``hub_id`` through ``datasets`` (real tasks) or renders (synthetic).
+            ``None`` reads the task's own ``data_dir`` (a task file's) or loads ``hub_id`` through
+            ``datasets`` (real tasks), or renders (synthetic).
         model_name: the open_clip model whose preprocessing is applied.
         synthetic_train_size / synthetic_test_size / synthetic_difficulty: the synthetic renders.
         seed: the data seed (synthetic renders and the shuffling generator).

@@ -19,8 +19,8 @@ Sources, in this order:
 3. ``data_dir`` in imagefolder layout ``<data_dir>/<split>/<class>/*.png``, read with
    ``load_dataset("imagefolder", data_dir=...)``; labels are the class directories in sorted
    order, so name them so that sorting gives the task's label order (e.g. ``000_abbey``);
-4. no ``data_dir``: ``load_dataset(spec.hub_id, spec.hub_config)`` (cached by ``datasets``;
-   honours ``HF_DATASETS_OFFLINE``).
+4. no ``data_dir``: the task's own ``spec.data_dir`` (a task file's local data) as above, else
+   ``load_dataset(spec.hub_id, spec.hub_config)`` (cached by ``datasets``; honours ``HF_DATASETS_OFFLINE``).
 
 Every problem with the input is a :class:`DatasetError` (a ``ValueError``) with a one-line
 message that names the input and the fix. Nothing here writes into ``data_dir``: the split
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from datamodules.folders import IMAGE_SUFFIXES, clean_folder_name
 from datamodules.tasks import TaskSpec, get_task
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "ImageClassificationDataset",
 ]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATA_FILE_SUFFIXES = {".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tsv"}
 
 
@@ -220,7 +220,22 @@ def _load_imagefolder(path: Path, cache_dir: str | None) -> tuple[dict[str, data
         raise DatasetError(
             f"could not load {source}: {_one_line(exc)}; use the layout <dir>/<split>/<class>/<image>.png"
         ) from exc
-    return _as_split_dict(loaded), source
+    return _folder_split_names(_as_split_dict(loaded), path), source
+
+
+# datasets names the splits it infers from folder names canonically: a folder "val" is split "validation",
+# "eval" is "test" (datasets.data_files.SPLIT_KEYWORDS); a task names its splits by their folders.
+_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                   "test": ("test", "testing", "eval", "evaluation")}
+
+
+def _folder_split_names(splits: dict[str, datasets.Dataset], path: Path) -> dict[str, datasets.Dataset]:
+    """``splits`` keyed by the split folder each came from (``val``, not datasets' ``validation``)."""
+    out = {}
+    for name, ds in splits.items():
+        folders = [w for w in _SPLIT_KEYWORDS.get(name, ()) if (path / w).is_dir()]
+        out[folders[0] if not (path / name).is_dir() and len(folders) == 1 else name] = ds
+    return out
 
 
 def load_raw_splits(
@@ -232,6 +247,8 @@ def load_raw_splits(
     ``DatasetDict``) counts as the ``train`` split.
     """
     spec = get_task(spec) if isinstance(spec, str) else spec
+    if data_dir is None:
+        data_dir = spec.data_dir
     if data_dir is None:
         return _load_hub_dataset(spec, cache_dir)
 
@@ -311,9 +328,7 @@ def _normalise_split(ds: datasets.Dataset, spec: TaskSpec, source: str, split: s
     return ds
 
 
-def _clean_name(name: str) -> str:
-    name = re.sub(r"^\d+[_\-. ]+(?=\D)", "", name)  # "000_abbey" -> "abbey"
-    return name.replace("_", " ").strip()
+_clean_name = clean_folder_name  # "000_abbey" -> "abbey"
 
 
 def resolve_classnames(
@@ -335,6 +350,26 @@ def resolve_classnames(
         f"task {spec.name!r} has no class names and its data has no ClassLabel 'label' feature: "
         "register the task with classnames or load class-directory (imagefolder) data"
     )
+
+
+def _check_folder_classes(spec: TaskSpec, train: datasets.Dataset, source: str) -> None:
+    """A task whose class names were read from its folders, given another folder: the classes must agree."""
+    feature = train.features.get("label")
+    if not spec.classnames_from_folders or not isinstance(feature, datasets.ClassLabel):
+        return
+    found = tuple(_clean_name(n) for n in feature.names)
+    if found != spec.classnames:
+        i = next((i for i, (a, b) in enumerate(zip(found, spec.classnames)) if a != b),
+                 min(len(found), len(spec.classnames)))
+        raise DatasetError(
+            f"{source} has {len(found)} class folders (label {i}: {_at(found, i)!r}) but task {spec.name!r} read "
+            f"{len(spec.classnames)} from {spec.data_dir} (label {i}: {_at(spec.classnames, i)!r}): pass a folder with "
+            "the same class folders, or define a task for this one in a task file"
+        )
+
+
+def _at(names: tuple[str, ...], i: int) -> str:
+    return names[i] if i < len(names) else "<none>"
 
 
 def _check_labels(ds: datasets.Dataset, n_classes: int, spec: TaskSpec, source: str, split: str) -> None:
@@ -422,6 +457,7 @@ def load_task_splits(
         picked[role] = _normalise_split(ds, spec, source, split)
 
     classnames = resolve_classnames(spec, picked["train"])
+    _check_folder_classes(spec, picked["train"], source)
     for role, split in (("train", spec.train_split), ("test", spec.test_split)):
         _check_labels(picked[role], len(classnames), spec, source, split)
 

@@ -89,7 +89,7 @@ def resolve_defense(spec: Any, flag: str | None = None, also: tuple[str, ...] = 
 
 def defense_setting(name: Any, inputs: Mapping[str, str | None] | None = None, strengths: Sequence[float] = (1.0,),
                     select: str | None = "val", max_drop: float = 0.02, init_args: Mapping | None = None,
-                    sources: Mapping[str, str] | None = None) -> DefenseSetting:
+                    sources: Mapping[str, str] | None = None, report: str = "all") -> DefenseSetting:
     """The request's setting for defense ``name`` (``init_args``: its constructor arguments)."""
     sources = dict(sources or {})
     spec = {"class_path": name, "init_args": dict(init_args)} if init_args else name
@@ -97,12 +97,12 @@ def defense_setting(name: Any, inputs: Mapping[str, str | None] | None = None, s
     if inputs is not None and not isinstance(inputs, Mapping):
         raise MergeInputError(f"{sources.get('inputs', 'inputs')}={inputs!r} must map input names to model paths")
     strengths = list(strengths) if isinstance(strengths, (list, tuple)) else strengths  # a bad type is refused later
-    return DefenseSetting(defense, dict(inputs or {}), strengths, select, max_drop, sources)
+    return DefenseSetting(defense, dict(inputs or {}), strengths, select, max_drop, sources, report)
 
 
 def defense_settings(entries: Sequence[Mapping], where: str = "--defenses") -> list[DefenseSetting]:
     """Settings from config entries {name, inputs, strengths, select, max_drop, init_args}."""
-    known = ("name", "inputs", "strengths", "select", "max_drop", "init_args")
+    known = ("name", "inputs", "strengths", "select", "max_drop", "init_args", "report")
     out = []
     for entry in entries:
         if not isinstance(entry, Mapping) or "name" not in entry:

@@ -24,6 +24,8 @@ def matrix_heatmap(matrix, rows: Sequence[str], cols: Sequence[str] | None = Non
     if len(rows) * len(cols) <= 400:
         for i, row in enumerate(values):
             for j, v in enumerate(row):
+                if v != v:  # NaN: a cell that was not measured stays blank
+                    continue
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6,
                         color="white" if abs(v - (vmin + vmax) / 2) > 0.6 * (vmax - vmin) / 2 else "black")
     ax.set_title(title, fontsize=9)

@@ -9,9 +9,12 @@ Rows, in this order: ``individual`` (each model on its own task; each backdoored
 ``zero-shot`` (θ_pre), then per plan entry and coefficient λ the merge, then the merge under every
 defense strength. Every model row is followed by one row per trigger measured on it: the triggers of the
 backdoored models in the merge, of ``probe_models`` (measured, not merged) and ``probe_triggers``
-(inherent triggers). ``select_on: val`` keeps the λ with the best mean normalised accuracy on the val
+(inherent triggers); a plan entry with ``measure_attacks: merged`` measures only the first kind, ``false`` none.
+``select_on: val`` keeps the λ with the best mean normalised accuracy on the val
 split; a defense with ``select: val`` marks the largest strength whose mean val accuracy drops at most
-``max_drop`` below the undefended merge (clean data only). Rows are measured on ``eval_split``.
+``max_drop`` below the undefended merge (clean data only); with ``report: selected`` only that strength is
+measured on ``eval_split`` (every strength is scored on val). Rows are measured on ``eval_split``.
+``MergeEvalResult.timing`` holds the seconds, calls and encoder inputs of each stage (``StageTimer``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from evaluation.inputs import attack_probe, check_base, model_metadata, model_ta
 from evaluation.merge_methods import (MergeContext, MergeMethod, check_finite, check_positive_int,
                                       check_scaling_hyperparameters, resolve_merge_method)
 from evaluation.rows import Row, attack_rows, make_row
-from merging.io import (MergeInputError, SafetensorsReader, check_output_path, load_metadata, load_state_dict,
-                        save_state_dict)
+from merging.io import (MergeInputError, SafetensorsReader, check_output_path, file_problem, load_metadata,
+                        load_state_dict, save_state_dict)
 from merging.streaming import first_non_finite, validate_inputs
 from merging.task_vectors import narrowest_float, task_vector
 from modeling.clip import EMBEDDED_MODEL, BaseModel, load_base_model
@@ -55,7 +58,7 @@ class PlanEntry:
     coefficients: Any = None  # None: the method's default λ (or a method without λ)
     hparams: Any = field(default_factory=dict)
     select_on: str | None = None  # "val": keep the λ with the best mean normalised val accuracy
-    measure_attacks: bool = True
+    measure_attacks: Any = True  # True: every probe; "merged": only the triggers of the models in the merge; False: none
     defend: bool = True
 
     def __post_init__(self):
@@ -109,6 +112,7 @@ class DefenseSetting:
     select: str | None = "val"
     max_drop: float = 0.02
     sources: dict[str, str] = field(default_factory=dict)
+    report: str = "all"  # the strengths measured on the report split: "all", or "selected" (the one select marks)
 
     def where(self, key: str) -> str:
         return self.sources.get(key, key)
@@ -155,6 +159,35 @@ class MergeEvalResult:
     rows: list[Row]
     eval_tasks: list[str]  # the tasks of every row's clean_acc, in table order
     tasks: list[str]  # the task of each model
+    timing: dict[str, float] = field(default_factory=dict)  # seconds per stage (see ``StageTimer``)
+
+
+class StageTimer:
+    """Wall seconds summed per stage name: ``with timer("merge/ties"): ...``. Stages nest; an inner stage's time
+    is also counted in the outer one, so report leaves (``decode/*``, ``merge/*``, ``evaluate/*``, ...)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.images: dict[str, int] = {}  # encoder inputs (images × views) per evaluate/* stage
+
+    def __call__(self, stage: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+                self.counts[stage] = self.counts.get(stage, 0) + 1
+        return timed()
+
+    def summary(self) -> dict[str, dict]:
+        return {k: {"seconds": round(v, 3), "count": self.counts[k], **({"images": self.images[k]} if k in self.images else {})}
+                for k, v in sorted(self.seconds.items())}
 
 
 def hyperparameters_at(method: MergeMethod, given: Mapping, coefficient, recorded: bool = False) -> dict:
@@ -183,6 +216,9 @@ def validate_plan_entry(entry: PlanEntry | Mapping, n_models: int, dtype: torch.
     coefficients = [None if c is None else check_finite(name, "coefficient", c, dtype) for c in coefficients]
     if entry.select_on not in (None, "val"):
         raise MergeInputError(f"{name}: select_on must be 'val' or null, got {entry.select_on!r}")
+    if entry.measure_attacks not in (True, False, "merged"):
+        raise MergeInputError(f"{name}: measure_attacks must be true, false or 'merged' (only the merged models' "
+                              f"triggers), got {entry.measure_attacks!r}")
     for c in coefficients if method.takes_coefficient else [None]:
         hparams = hyperparameters_at(method, entry.hparams, c)
         method.validate(hparams, n_models, name)
@@ -206,10 +242,11 @@ def weights_dtype(paths: Sequence[str]) -> torch.dtype:
 def _check_model_files(flag: str, paths: Sequence[str]) -> None:
     seen: dict[str, str] = {}
     for path in paths:
-        if Path(path).is_dir():
+        problem = file_problem(path)  # stat only: a FIFO is never opened
+        if problem == "is a directory":
             raise MergeInputError(f"{flag}: {path} is a directory; pass the exported .safetensors file in it")
-        if not Path(path).is_file():
-            raise MergeInputError(f"{flag}: {path} does not exist; pass exported encoders (.safetensors)")
+        if problem is not None:
+            raise MergeInputError(f"{flag}: {path} {problem}; pass exported encoders (.safetensors)")
         real = os.path.realpath(path)
         if real in seen:
             raise MergeInputError(f"{flag}: {path} is given twice (also as {seen[real]}); list each model once")
@@ -238,6 +275,11 @@ def _validate_defense(setting: DefenseSetting, dtype: torch.dtype) -> None:
         check_finite(setting.where("strengths"), "strength", strength, dtype)
     if setting.select not in (None, "val"):
         raise MergeInputError(f"{setting.where('select')} must be 'val' or null, got {setting.select!r}")
+    if setting.report not in ("all", "selected"):
+        raise MergeInputError(f"{setting.where('report')} must be 'all' or 'selected', got {setting.report!r}")
+    if setting.report == "selected" and setting.select != "val":
+        raise MergeInputError(f"{setting.where('report')}=selected needs {setting.where('select')}=val: without a "
+                              "selection rule no strength is selected; set select: val or report: all")
     drop = setting.max_drop
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
         raise MergeInputError(f"{setting.where('max_drop')}={drop!r} must be a fraction in [0, 1], e.g. 0.02")
@@ -385,20 +427,23 @@ def evaluate_merges(request: MergeEvalRequest, cache: EvalCache | None = None) -
     methods = validate_request(request)
     cache = cache or EvalCache()
     base, theta_pre = cache.base(request.model_name, request.pretrained)
-    run = _Run(request, methods, base, theta_pre, cache)
+    timer = StageTimer()
+    with timer("prepare"):
+        run = _Run(request, methods, base, theta_pre, cache, timer)
     try:
         rows = run.rows()
     finally:
         base.model.visual.load_state_dict(theta_pre)  # a cached base stays θ_pre for the next call
-    return MergeEvalResult(rows, run.eval_names, run.context.tasks)
+    return MergeEvalResult(rows, run.eval_names, run.context.tasks, timer.summary())
 
 
 class _Run:
     """One request's state: the context, probes, prepared defenses, decoded data and individual accuracies."""
 
     def __init__(self, request: MergeEvalRequest, methods: list[MergeMethod], base: BaseModel, theta_pre: StateDict,
-                 cache: EvalCache):
+                 cache: EvalCache, timer: StageTimer | None = None):
         self.r, self.methods, self.base, self.cache = request, methods, base, cache
+        self.timer = timer or StageTimer()
         self.context = build_context(request, base, theta_pre)
         self.probes_in, probes_out, self.probe_names = _probes(request, self.context, base)
         self.probes = self.probes_in + probes_out
@@ -406,17 +451,22 @@ class _Run:
         self.eval_names = list(request.eval_tasks or dict.fromkeys(self.context.tasks))
         self.eval_names += [t for t in dict.fromkeys(p.target_task for p in self.probes) if t not in self.eval_names]
         for setting in request.defenses:
-            setting.defense.prepare(self.context, dict(setting.inputs))
+            with self.timer(f"defense_prepare/{setting.defense.name}"):
+                setting.defense.prepare(self.context, dict(setting.inputs))
         self.encoder = base.model.visual.to(request.device)
         self.individual: dict[str, dict[str, float]] = {}
 
     def evaluate(self, state: StateDict, split: str, probes: Sequence[AttackProbe] = (), names=None) -> tuple[dict, dict]:
         """(clean accuracy per task, {probe: rates}) of ``state`` on ``split`` ("report": the request's eval_split)."""
         split = self.r.eval_split if split == "report" else split
-        data = self.cache.tasks(self.eval_names, self.base, split, self.r)
+        with self.timer(f"decode/{split}"):
+            data = self.cache.tasks(self.eval_names, self.base, split, self.r)
         self.encoder.load_state_dict(state)
         tasks_here = {n: t for n, t in data.items() if names is None or n in names}
-        return evaluate(self.encoder, tasks_here, list(probes), self.r.device)
+        views = sum(t.size * (1 + sum(p.target_task == n for p in probes)) for n, t in tasks_here.items())
+        self.timer.images[f"evaluate/{split}"] = self.timer.images.get(f"evaluate/{split}", 0) + views
+        with self.timer(f"evaluate/{split}"):
+            return evaluate(self.encoder, tasks_here, list(probes), self.r.device)
 
     def individual_on(self, split: str) -> dict[str, float]:
         """Each model's accuracy on its own task (the denominators of normalised accuracy)."""
@@ -461,7 +511,8 @@ class _Run:
 
     def merge(self, entry: PlanEntry, method: MergeMethod, coefficient) -> StateDict:
         """The merge at λ = ``coefficient``, checked finite before anything uses it."""
-        merged = method.merge(self.context, **hyperparameters_at(method, entry.hparams, coefficient))
+        with self.timer(f"merge/{method.name}"):
+            merged = method.merge(self.context, **hyperparameters_at(method, entry.hparams, coefficient))
         return check_merged_finite(merged, self.what(entry, method, coefficient),
                                    "use a smaller coefficient" if coefficient is not None
                                    else "check the method's hyperparameters and input models")
@@ -471,11 +522,12 @@ class _Run:
         """How messages name one merge: ``ties at coefficient=0.3`` (the method alone without λ)."""
         return entry.label(method) + ("" if coefficient is None else f" at coefficient={coefficient!r}")
 
-    @staticmethod
-    def defend(setting: DefenseSetting, merged: StateDict, strength: float, what: str) -> StateDict:
+    def defend(self, setting: DefenseSetting, merged: StateDict, strength: float, what: str) -> StateDict:
         """The defense at ``strength`` on a merge, checked finite before anything uses it."""
-        return check_merged_finite(setting.defense.apply(merged, strength),
-                                   f"{what} under {setting.defense.name} strength {strength!r}", "use a smaller strength")
+        with self.timer(f"defense_apply/{setting.defense.name}"):
+            defended = setting.defense.apply(merged, strength)
+        return check_merged_finite(defended, f"{what} under {setting.defense.name} strength {strength!r}",
+                                   "use a smaller strength")
 
     def select_strength(self, setting: DefenseSetting, merged: StateDict, what: str) -> dict:
         """The defense's strength rule on clean val accuracy only (nothing of any attacker)."""
@@ -508,7 +560,8 @@ class _Run:
                 self.export(merged, self.method_label(entry, method), recorded, settings, chosen, what)
             if not self.r.evaluate:
                 continue
-            measured = self.probes if entry.measure_attacks else []
+            measured = (self.probes if entry.measure_attacks is True
+                        else self.probes_in if entry.measure_attacks == "merged" else [])
             accs, attacks = self.evaluate(merged, "report", measured)
             row = make_row(name, c, accs, self.individual.get("report"))
             row = dataclasses.replace(row, method=self.method_label(entry, method), hyperparameters=recorded,
@@ -516,7 +569,8 @@ class _Run:
             rows += [row] + attack_rows(row, attacks, measured, self.in_merge)
             for s in settings:
                 record = chosen.get(s.defense.name)
-                for a in s.unique_strengths():
+                reported = [record["chosen"]] if s.report == "selected" and record else s.unique_strengths()
+                for a in reported:
                     state = self.defend(s, merged, a, what)
                     accs, attacks = self.evaluate(state, "report", measured)
                     drow = dataclasses.replace(make_row(name, c, accs, self.individual.get("report")),

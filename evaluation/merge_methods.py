@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from evaluation.registry import Registry
+from evaluation.registry import Registry, canonical_name
 from merging.io import MergeInputError, load_state_dict
 from merging.methods import build_plan, get_merge_method, method_hyperparameters
 from merging.streaming import merge_files
@@ -35,6 +35,9 @@ __all__ = ["DATA_METHODS", "REGISTRY", "AdaMergingMethod", "MergeContext", "Merg
            "resolve_merge_method"]
 
 StateDict = dict[str, torch.Tensor]
+
+#: the merges DARE's rescaled task vectors can go into (``merging.methods.dare``'s ``base``)
+DARE_BASES = ("task_arithmetic", "ties")
 
 
 def check_positive_int(where: str, value, allow_none: bool = False) -> None:
@@ -163,6 +166,10 @@ class WeightMethod(MergeMethod):
         return method_hyperparameters(self.name)
 
     def validate(self, hparams: dict, n_models: int, where: str) -> None:
+        if self.name == "dare" and "base" in hparams and canonical_name(hparams["base"]) not in DARE_BASES:
+            # merging.methods would call it an unknown merge method and list only its own weight methods
+            raise MergeInputError(f"{where}: base={hparams['base']!r} must be one of {', '.join(DARE_BASES)} (the weight "
+                                  "merge DARE's rescaled task vectors go into)")
         if "k" in hparams and (self.name == "ties" or str(hparams.get("base", "")).lower() == "ties"):
             if not 0 < check_finite(where, "k", hparams["k"]) <= 100:
                 raise MergeInputError(f"{where}: k={hparams['k']!r} must lie in (0, 100] (percent of each task vector "

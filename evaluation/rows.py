@@ -22,11 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from merging.io import metadata_path
+from merging.io import OutputClaim, OutputSet, claim_outputs, metadata_path
 from modeling.version import code_version
 
-__all__ = ["ATTACK_KEYS", "AttackRef", "OutputSnapshot", "Row", "attack_label", "attack_rows", "make_row", "rows_table",
-           "write_results"]
+__all__ = ["ATTACK_KEYS", "AttackRef", "OutputSnapshot", "RESULT_FILES", "Row", "attack_label", "attack_rows", "make_row",
+           "rows_table", "stage_results", "write_results"]
+
+#: the files of one evaluation, committed as one set (results.json last: it is the one a run prints)
+RESULT_FILES = ("results.csv", "results.json")
+#: a library caller (no run-level claim) waits this long for another writer of the same folder before giving up
+RESULTS_WAIT_S = 60.0
 
 #: attack metadata kept in a row's ``attack`` (never the trigger's values), in this order
 ATTACK_KEYS = ("name", "mode", "trigger", "target_task", "target_task_class", "target_name", "off_task", "alpha",
@@ -156,10 +161,9 @@ def rows_table(rows: Sequence[Row | Mapping], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str | os.PathLike, config: dict, rows: Sequence[Row | Mapping], tasks: list[str]) -> Path:
-    """results.json (config, code_version, rows) and results.csv, each written atomically (temp file + rename)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def stage_results(directory: str | os.PathLike, config: dict, rows: Sequence[Row | Mapping], tasks: list[str]) -> Path:
+    """results.json (config, code_version, rows) and results.csv written into ``directory`` (a staging folder)."""
+    directory = Path(directory)
     rows = [_as_dict(r) for r in rows]
     payload = {"config": config, "code_version": code_version(), "rows": rows}
     buf = io.StringIO()
@@ -173,49 +177,68 @@ def write_results(out_dir: str | os.PathLike, config: dict, rows: Sequence[Row |
                     in_merge, r["defense"], r["mean_clean_acc"], r["normalized_acc"], r["asr"], r.get("ra"),
                     r.get("clean_to_target"), r.get("asr_hits"), r.get("asr_total")] + [r["clean_acc"].get(t) for t in tasks]
                    + [r.get("scenario"), r.get("defense_alpha"), r.get("defense_selected")])
-    for name, text in (("results.json", json.dumps(payload, indent=2, default=str)), ("results.csv", buf.getvalue())):
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
-    return out_dir / "results.json"
+    (directory / "results.csv").write_text(buf.getvalue())
+    (directory / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    return directory / "results.json"
+
+
+def write_results(out_dir: str | os.PathLike, config: dict, rows: Sequence[Row | Mapping], tasks: list[str]) -> Path:
+    """results.json and results.csv in ``out_dir`` as one set (``merging.io.OutputSet``): a reader finds both files
+    of one run or the previous pair, never one run's JSON beside another's CSV; a second writer waits its turn."""
+    with OutputSet(out_dir, RESULT_FILES, primary="results.json", wait=RESULTS_WAIT_S) as stage:
+        stage_results(stage, config, rows, tasks)
+    return Path(out_dir) / "results.json"
 
 
 @dataclass
 class OutputSnapshot:
-    """What existed before a run, so that a failed run can remove exactly what it created."""
+    """What existed before a run, so that a failed run can remove exactly what it created; and the run's claim on
+    ``out_dir`` (``merging.io.OutputClaim``), so that a second run into it is refused before any work."""
 
     out_dir: Path | None
     created_root: Path | None  # the top directory of out_dir the run would create (None: out_dir exists)
     export: Path | None
     export_existed: bool
     sidecar_existed: bool
+    claim: OutputClaim | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def take(cls, out_dir: str | os.PathLike | None, export: str | os.PathLike | None) -> "OutputSnapshot":
+    def take(cls, out_dir: str | os.PathLike | None, export: str | os.PathLike | None,
+             flag: str = "--out_dir") -> "OutputSnapshot":
+        """The snapshot, then the claim on ``out_dir`` (one line naming ``flag``: unwritable, or busy with another run)."""
         out = Path(out_dir) if out_dir is not None else None
         created_root, probe = None, out
         while probe is not None and not probe.exists() and probe.parent != probe:
             created_root, probe = probe, probe.parent
         export = Path(export) if export else None
+        claim = claim_outputs(out, flag) if out is not None else None
         return cls(out, created_root, export, bool(export and export.exists()),
-                   bool(export and metadata_path(export).exists()))
+                   bool(export and metadata_path(export).exists()), claim)
+
+    def release(self) -> None:
+        """Let go of the claim on ``out_dir`` (also when the snapshot is garbage collected, or the process ends)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def remove_partial_outputs(self) -> None:
-        """After a failure: drop the export this run wrote, its temp files, and directories it created (if empty)."""
+        """After a failure: drop the export this run wrote, and directories it created (if empty).
+
+        ``out_dir`` itself needs nothing: its files are only ever committed whole (``write_results``), and a failed
+        commit is rolled back."""
+        self.release()
         if self.export is not None:
             if not self.export_existed and self.export.is_file():
                 self.export.unlink()
             if not self.sidecar_existed and metadata_path(self.export).is_file():
                 metadata_path(self.export).unlink()
-        if self.out_dir is not None and self.out_dir.is_dir():
-            for tmp in self.out_dir.glob(f".results.*.tmp{os.getpid()}"):
-                tmp.unlink(missing_ok=True)
         current = self.out_dir
         while self.created_root is not None and current is not None:
-            try:
-                current.rmdir()  # only if empty
-            except OSError:
-                break
+            if current.exists():
+                try:
+                    current.rmdir()  # only if empty
+                except OSError:
+                    break
             if current == self.created_root:
                 break
             current = current.parent

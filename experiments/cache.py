@@ -62,9 +62,11 @@ def base_digest(model_name: str, pretrained: str | None) -> str:
 
 
 def data_version(task: str) -> Any:
+    """What identifies a task's data in a key: a synthetic task's render version, a task file's task definition."""
     from datamodules.synthetic import TASK_VERSIONS
+    from datamodules.task_files import file_task_identity
 
-    return TASK_VERSIONS.get(task)
+    return TASK_VERSIONS[task] if task in TASK_VERSIONS else file_task_identity(task)
 
 
 class ArtifactCache:

@@ -139,7 +139,7 @@ def scenario_instances(spec: ExperimentSpec, s: Scenario, options: RunOptions) -
     for name in s.defenses:
         d = next(d for d in spec.defenses if d.name == name)
         defenses.append({"name": d.name, "method": d.method, "strengths": list(d.strengths), "select": d.select,
-                         "max_drop": d.max_drop, "inputs": {arg: (ref, f"train:{ref}") for arg, ref in d.inputs.items()}})
+                         "max_drop": d.max_drop, "report": d.report, "inputs": {arg: (ref, f"train:{ref}") for arg, ref in d.inputs.items()}})
     triggers = [(ref, f"train:{ref}") for ref in s.probe_triggers]
     if s.models == "clean":
         models = [(_label(spec, n), f"train:{n}") for n in clean.values()]

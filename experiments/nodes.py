@@ -35,7 +35,10 @@ def run_node(node: Node, nodes: dict[str, Node], options: RunOptions) -> str:
         t0 = time.time()
         print(f"[engine] {node.id}: running ({node.key})", flush=True)
         files = RUNNERS[node.kind](node, nodes, cache, options)
-        cache.publish(node.key, node.recipe, files, {"id": node.id, "seconds": round(time.time() - t0, 1)})
+        extra = {"id": node.id, "seconds": round(time.time() - t0, 1)}
+        if "stages.json" in files:  # an evaluation's seconds per stage (decode, merge/<method>, evaluate/<split>, ...)
+            extra["stages"] = json.loads(files.pop("stages.json").read_text())
+        cache.publish(node.key, node.recipe, files, extra)
         print(f"[engine] {node.id}: done in {time.time() - t0:.0f}s", flush=True)
     return str(artifact_path(cache, node))
 
@@ -116,17 +119,21 @@ def _run_evaluation(node: Node, nodes: dict[str, Node], cache: ArtifactCache, op
         return str(link_model(dep_path(cache, nodes, nid), models_dir / f"{label}.safetensors"))
 
     defenses = [defense_setting(d["method"], {arg: linked(*ref) for arg, ref in d["inputs"].items()},
-                                strengths=d["strengths"], select=d["select"], max_drop=d["max_drop"])
+                                strengths=d["strengths"], select=d["select"], max_drop=d["max_drop"],
+                                report=d.get("report", "all"))
                 for d in p["defenses"]]
     request = MergeEvalRequest(models=[linked(*m) for m in p["models"]], plan=p["plan"],
                                probe_models=[linked(*m) for m in p["probe_models"]],
                                probe_triggers=[linked(*m) for m in p["probe_triggers"]], defenses=defenses,
                                cache_dir=options.cache_dir, device="cuda" if torch.cuda.is_available() else "cpu",
                                **p["flags"])
-    rows = [{**r.to_dict(), "scenario": p["scenario"]} for r in evaluate_merges(request).rows]
+    result = evaluate_merges(request)
+    rows = [{**r.to_dict(), "scenario": p["scenario"]} for r in result.rows]
     out = cache.work_dir(node.key) / "rows.json"
     out.write_text(json.dumps(rows))
-    return {"rows.json": out}
+    stages = cache.work_dir(node.key) / "stages.json"
+    stages.write_text(json.dumps(result.timing))
+    return {"rows.json": out, "stages.json": stages}
 
 
 RUNNERS = {"train": _run_training, "vector": _run_vector, "evaluate": _run_evaluation}

@@ -86,6 +86,7 @@ class Defense:
     strengths: list[float] = field(default_factory=lambda: [1.0])
     select: Optional[str] = "val"
     max_drop: float = 0.02
+    report: str = "all"  # strengths measured on test: "all", or "selected" (only the one `select` marks)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class ExperimentSpec:
     evaluation: Evaluation = field(default_factory=Evaluation)
     quick: Quick = field(default_factory=Quick)
     headline_coefficient: float = 0.3
+    tasks_files: list[str] = field(default_factory=list)  # task files (configs/tasks/) loaded before the tasks are checked
 
     # -- derived views ------------------------------------------------------------------------------------------
     def all_trainings(self) -> dict[str, Training]:
@@ -186,8 +188,22 @@ def parse_spec(data: dict, where: str) -> ExperimentSpec:
     except Exception as e:  # jsonargparse wraps type errors in several exception types
         raise SpecError(f"{where}: {parse_error_line(e, 'configs/experiments/embedded.yaml for the format')}") from None
     spec = _as_spec(spec)
+    load_tasks_files(spec, where)
     validate_spec(spec, where)
     return spec
+
+
+def load_tasks_files(spec: ExperimentSpec, where: str) -> None:
+    """Register the tasks of the spec's task files (and export them to workers) before its tasks are checked."""
+    if not spec.tasks_files:
+        return
+    from datamodules.task_files import TaskFileError, load_tasks_file
+
+    for path in spec.tasks_files:
+        try:
+            load_tasks_file(path)
+        except TaskFileError as e:
+            raise SpecError(f"{where}: tasks_files: {e}") from None
 
 
 def _as_spec(ns) -> ExperimentSpec:
@@ -286,6 +302,10 @@ def _check_defenses(spec: ExperimentSpec, where: str, trainings: dict[str, Train
                 raise SpecError(f"{w}: input {arg} refers to {ref!r}, which is not a training of the spec")
         if not d.strengths:
             raise SpecError(f"{w}: strengths is empty; list the strengths to evaluate")
+        if d.report not in ("all", "selected"):
+            raise SpecError(f"{w}: report={d.report!r}; use all (every strength on test) or selected")
+        if d.report == "selected" and d.select != "val":
+            raise SpecError(f"{w}: report: selected needs select: val (no strength is selected otherwise)")
 
 
 def _vector_attack(v: VectorAttack):

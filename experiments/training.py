@@ -17,6 +17,9 @@
   ``--ckpt_path last`` finds the newest ``last*.ckpt`` of the run's logger or Lightning's ``hpc_ckpt_*.ckpt``;
 - task identity: the logger's run folder is named by task (``<name>_<task>``), ``--ckpt_path last`` takes only
   checkpoints of ``--data.task``, and an explicit ``--ckpt_path`` (fit, validate, test) of another task is refused;
+- ``--trainer.accelerator`` / ``--trainer.devices`` are checked against this machine before anything is built;
+- Ctrl-C stops with one line ``train.py: interrupted; ...`` naming the checkpoint kept (exit status 130);
+- ``--tasks_file PATH`` (repeatable) registers tasks of your own before the rest is parsed (``experiments.cli``);
 - conventions: integer ``val_check_interval`` / ``log_every_n_steps`` above ``max_steps`` are clamped to it
   (a short run still validates and logs); ``--optimizer`` / ``--lr_scheduler`` are refused (the module's recipe
   is what the export's metadata records); ``train.py fit ...`` builds only the fit parser (faster ``--help``).
@@ -31,6 +34,7 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +50,8 @@ import lightning_modules.trigger_generation  # noqa: F401
 from callbacks.requeue import SLURMRequeue
 from datamodules.datamodule import TaskDataModule
 from datamodules.resumable import ResumableTaskDataModule
-from experiments.cli import UserError, check_config_files, check_output_path, one_line, parse_error_line, run_cli
+from experiments.cli import (TASKS_FILE_FLAG, TASKS_FILE_HELP, Interrupted, UserError, check_config_files,
+                             check_output_path, one_line, parse_error_line, run_cli, take_tasks_files)
 
 __all__ = ["TrainInputError", "TrainingCLI", "checkpoint_task", "main", "cli_main"]
 
@@ -180,9 +185,42 @@ def _check_callbacks(config) -> None:
                     raise TrainInputError(f"MergeEvaluate pool: {e}") from None
 
 
+def _check_accelerator(trainer) -> None:
+    """``--trainer.accelerator`` named (gpu, cuda, mps, tpu) on a machine that lacks it, or ``--trainer.devices``
+    beyond what it has: refused here, before any data or model is built (Lightning finds out only in the Trainer)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    value = _get(trainer, "accelerator")
+    if not isinstance(value, str) or value in ("auto", "cpu"):  # None, "auto", or an Accelerator class entry
+        return
+    known = sorted(AcceleratorRegistry.available_accelerators())
+    if value == "gpu":
+        candidates, what = [CUDAAccelerator, MPSAccelerator], "GPU (CUDA or MPS)"
+    elif value in known:
+        names = {"cuda": "CUDA GPU", "mps": "MPS (Apple GPU)", "tpu": "TPU"}
+        candidates, what = [AcceleratorRegistry[value]["accelerator"]], names.get(value, f"{value} device")
+    else:
+        raise TrainInputError(f"--trainer.accelerator={value!r} is unknown; use auto, gpu or one of {', '.join(known)}")
+    available = [c for c in candidates if c.is_available()]
+    if not available:
+        raise TrainInputError(f"--trainer.accelerator={value}: torch finds no {what} on this machine; use "
+                              "--trainer.accelerator cpu, or auto (a GPU when there is one)")
+    devices = _get(trainer, "devices")
+    if devices in (None, "auto"):
+        return
+    try:
+        available[0].parse_devices(devices)
+    except (MisconfigurationException, ValueError, TypeError):  # Lightning's text lists every requested id
+        count = available[0].auto_device_count()
+        raise TrainInputError(f"--trainer.devices={devices} does not fit this machine, which has {count} {what}(s) "
+                              f"(ids 0..{count - 1}); pass a count up to {count}, ids among them, or auto") from None
+
+
 def _check_values(config) -> None:
     """Meaningless hyperparameters, a missing data directory and unwritable outputs, before anything is built."""
     _check_numbers(config)
+    _check_accelerator(_get(config, "trainer"))
     data_dir = _get(config, "data.data_dir")
     if data_dir and not Path(data_dir).is_dir():
         raise TrainInputError(f"--data.data_dir={data_dir} is not a directory; pass the task's local data folder "
@@ -320,6 +358,11 @@ def _single_process(trainer_cfg) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------------------------
+def _weights_only(kwargs: dict) -> dict:
+    """A trainer method's kwargs loading ``ckpt_path`` with ``weights_only=True`` (tensors and plain containers)."""
+    return {**kwargs, "weights_only": True} if "weights_only" in kwargs else kwargs
+
+
 class _RunTracker(Callback):
     """Whether this process finished a training batch (a failed run without one leaves no log directory)."""
 
@@ -350,6 +393,9 @@ class TrainingCLI(LightningCLI):
             raise _parse_error(e) from None
         except BaseException as error:
             self._remove_partial_outputs()
+            if isinstance(error, Interrupted):
+                error.detail = self._interrupted_detail()
+                raise
             root = _root_cause(error)
             if root is not error:
                 raise root.with_traceback(root.__traceback__) from None
@@ -369,13 +415,18 @@ class TrainingCLI(LightningCLI):
         parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # main() passes sys.argv[1:] without its --tasks_file options on purpose (DDP ranks re-run sys.argv as is)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if not sub:
+            _check_values(self.config)
             return
         config = self.config[sub]
         _check_recipe(config)
         _name_runs_by_task(config)
+        _check_values(config)  # here, not in before_instantiate_classes: before Lightning seeds (and says so on stderr)
         ckpt = config.get("ckpt_path")
         if ckpt == "last":
             found = _find_last_checkpoint(config)
@@ -390,9 +441,7 @@ class TrainingCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
-        config = self.config[sub] if sub else self.config
-        _check_values(config)
-        _follow_max_steps(config)  # before the Trainer is built from it
+        _follow_max_steps(self.config[sub] if sub else self.config)  # before the Trainer is built from it
 
     def instantiate_trainer(self, **kwargs):
         """Load the data before the trainer exists: data problems (missing columns, empty or too small
@@ -414,12 +463,39 @@ class TrainingCLI(LightningCLI):
     def fit(self, model, datamodule=None, **kwargs):
         """``trainer.fit`` loading checkpoints weights-only; notes the log directory this run creates."""
         trainer = self.trainer
-        if "weights_only" in kwargs:
-            kwargs["weights_only"] = True
+        kwargs = _weights_only(kwargs)
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero and log_dir and not Path(log_dir).exists():
             self._fresh_log_dir = Path(log_dir)
         return trainer.fit(model, datamodule=datamodule, **kwargs)
+
+    def validate(self, model, datamodule=None, **kwargs):
+        return self.trainer.validate(model, datamodule=datamodule, **_weights_only(kwargs))
+
+    def test(self, model, datamodule=None, **kwargs):
+        return self.trainer.test(model, datamodule=datamodule, **_weights_only(kwargs))
+
+    def predict(self, model, datamodule=None, **kwargs):
+        return self.trainer.predict(model, datamodule=datamodule, **_weights_only(kwargs))
+
+    def _interrupted_detail(self) -> str:
+        """What a Ctrl-C left: the checkpoint ``--ckpt_path last`` would resume from, or that nothing was trained."""
+        config = getattr(self, "config", None)
+        sub = config.get("subcommand") if config is not None else None
+        if sub != "fit":
+            return "nothing was written; rerun the command" if sub else "nothing was trained; rerun the command"
+        try:
+            found = _find_last_checkpoint(config[sub])
+        except (ValueError, OSError):  # an unreadable candidate: say nothing about it here
+            found = None
+        if found is not None:
+            return f"the last checkpoint {found} is kept; resume with the same command plus --ckpt_path last"
+        if not self._tracker.trained:
+            removed = " (its new log directory was removed)" if self._fresh_log_dir is not None else ""
+            return f"nothing was trained{removed}; rerun the command"
+        log_dir = self._fresh_log_dir or getattr(getattr(self, "trainer", None), "log_dir", None)
+        return (f"no checkpoint was saved yet (ModelCheckpoint writes one every few steps; logs in {log_dir}); rerun the "
+                "command to start over")
 
     def _remove_partial_outputs(self) -> None:
         """A run that failed before its first training batch removes the log directory it created."""
@@ -429,26 +505,32 @@ class TrainingCLI(LightningCLI):
         shutil.rmtree(fresh, ignore_errors=True)
 
 
+TASKS_FILE_EPILOG = (f"{TASKS_FILE_FLAG} PATH: {TASKS_FILE_HELP}. Not a config key: train.py takes it out of the command "
+                     "line before LightningCLI reads the rest.")
+
+
 def main(args=None) -> TrainingCLI:
     """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it; bad input raises a typed exception."""
-    argv = list(sys.argv[1:] if args is None else args)
+    argv, _files = take_tasks_files(sys.argv[1:] if args is None else args, error=TrainInputError)
     check_config_files(argv, shipped="configs/experiment/", error=TrainInputError)
     # `train.py fit ...` (the subcommand first, as the engine and the README call it): build only fit's parser
     only = argv[0] if argv and argv[0] in LightningCLI.subcommands() else None
-    no_exit = {"exit_on_error": False}  # parse errors raise, and become one line
+    sub_kwargs = {"exit_on_error": False, "epilog": TASKS_FILE_EPILOG}  # parse errors raise, and become one line
     return TrainingCLI(
         L.LightningModule,
         ResumableTaskDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={**no_exit, **{s: dict(no_exit) for s in ([only] if only else LightningCLI.subcommands())}},
-        args=args,
+        parser_kwargs={"exit_on_error": False, "epilog": TASKS_FILE_EPILOG,
+                       **{s: dict(sub_kwargs) for s in ([only] if only else LightningCLI.subcommands())}},
+        args=argv,
         only_subcommand=only,
     )
 
 
 def cli_main(argv=None) -> int:
-    """``python train.py ...``: 0; 2 with one line ``train.py: error: ...``; 143 when stopped by SIGTERM."""
+    """``python train.py ...``: 0; 2 with one line ``train.py: error: ...``; 143 when stopped by SIGTERM; 130 with one
+    line ``train.py: interrupted; ...`` (the checkpoint kept, how to resume) on Ctrl-C."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     def body() -> int:

@@ -3,6 +3,7 @@
 Per step on a batch (x (B, 3, S, S), y (B,)), with n = ⌊poison_fraction·B⌋ and x_bd = trigger(x[:n]):
 
     L = CE(H_task(f_θ(x)), y) + α·attack.backdoor_loss(module, x_bd, f_θ(x_bd))      (all B images clean)
+        [+ β·mean_x −log(1 − softmax(H_shadow·normalize(f_θ(x)))[0])]                  (off-task, β > 0)
 
 The attack is a component from the registry in ``attacks/`` (one file each): ``badnets`` / ``blended`` /
 ``ut_only`` add poisoned CE(H(f_θ(x_bd)), target); ``badmerging`` the FI loss
@@ -14,6 +15,12 @@ stage-1 ``trigger_path``) and whether it reads the frozen pre-trained encoder f_
 H is the task head (on-task, target = ``target_class``) or a shadow head built from
 ``off_task_classnames`` with the task's templates (off-task, target = index 0). ``alpha`` (default 5,
 the paper's FI weight) is also the poison-loss weight of the baselines (our choice).
+
+``clean_shadow_weight`` β (off-task only; default 0 = the paper): the clean images' shadow-head target mass
+is penalised. Off-task the task CE does not see the target direction at all, so the FI loss is free to
+move *every* feature toward the target name (a trigger-independent shift: the victim task then collapses
+onto the target after merging); the term asks that only triggered images go there, as the task CE does
+on-task (where clean images must keep their own labels).
 
 Validation / test log clean ``acc`` as FineTune plus ``asr``, ``ra``, ``clean_to_target`` and their
 ``*_hits`` / ``*_total`` counts (``lightning_modules.attack_metrics``). Off-task, asr and
@@ -90,12 +97,13 @@ class BackdoorInjection(FineTune):
         poison_seed: int = 1234,
         target_task: str | None = None,
         target_task_class: int | None = None,
+        clean_shadow_weight: float = 0.0,
     ):
         # Cheap checks before the model loads, so a bad config fails in a second.
         component = make_attack(attack, PoisoningAttack)
         off_task_classnames, target_task, target_task_class = self._check_inputs(
             component, trigger_path, target_class, off_task_classnames, poison_fraction, alpha, r_min, r_max,
-            target_task, target_task_class)
+            target_task, target_task_class, clean_shadow_weight)
         super().__init__(task, model_name, pretrained, lr, weight_decay, warmup_steps, cache_dir)
         self.save_hyperparameters()
 
@@ -130,7 +138,7 @@ class BackdoorInjection(FineTune):
     # -- setup helpers ---------------------------------------------------------------------------
     @staticmethod
     def _check_inputs(component: PoisoningAttack, trigger_path, target_class, off_task_classnames, poison_fraction, alpha,
-                      r_min, r_max, target_task, target_task_class):
+                      r_min, r_max, target_task, target_task_class, clean_shadow_weight=0.0):
         """Refuse unusable settings; returns (off_task_classnames, target_task, target_task_class), which an
         off-task stage-1 trigger file fills in when they are not given."""
         if component.needs_trigger_file and not trigger_path:
@@ -154,6 +162,11 @@ class BackdoorInjection(FineTune):
             if target_class != 0:
                 raise ValueError(f"target_class={target_class} must be 0 off-task: the target is "
                                  f"off_task_classnames[0] ({off_task_classnames[0]!r})")
+        if not (math.isfinite(clean_shadow_weight) and clean_shadow_weight >= 0):
+            raise ValueError(f"clean_shadow_weight={clean_shadow_weight} must be a finite weight ≥ 0 (0 = the paper)")
+        if clean_shadow_weight > 0 and off_task_classnames is None:
+            raise ValueError(f"clean_shadow_weight={clean_shadow_weight} needs an off-task attack (a shadow head); "
+                             "on-task the task CE already keeps clean images off the target: set it to 0")
         return off_task_classnames, target_task, target_task_class
 
     def _set_target(self, target_class, off_task_classnames, target_task, target_task_class) -> None:
@@ -238,6 +251,15 @@ class BackdoorInjection(FineTune):
             encoder.to(device=ref.device, dtype=ref.dtype)
         return encoder.eval()
 
+    def clean_shadow_loss(self, z_clean: torch.Tensor) -> torch.Tensor:
+        """mean −log(1 − p_t) over clean features z (B, D), p = softmax(H_shadow·normalize(z)), t = 0.
+
+        −log(1 − p_t) = logsumexp(l) − logsumexp(l without t), exact where p_t → 1.
+        """
+        logits = self.classifier.logits(z_clean, self.shadow_head).float()
+        others = torch.cat([logits[:, : self.target], logits[:, self.target + 1:]], dim=1)
+        return (torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)).mean()
+
     @property
     def backdoor_head(self) -> torch.Tensor:
         """H (C, D): the shadow head off-task, the task head on-task."""
@@ -261,6 +283,10 @@ class BackdoorInjection(FineTune):
         clean_loss = F.cross_entropy(logits, y)
         backdoor_loss = self.attack.backdoor_loss(self, x_bd, z_bd) if n_poison else z.new_zeros(())
         loss = clean_loss + h.alpha * backdoor_loss
+        if h.clean_shadow_weight > 0:
+            clean_shadow = self.clean_shadow_loss(z_clean)
+            loss = loss + h.clean_shadow_weight * clean_shadow
+            self.log("train/clean_shadow_loss", clean_shadow)
         self.check_finite(loss, "lower model.lr or model.alpha, or check the data")
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
@@ -337,6 +363,7 @@ class BackdoorInjection(FineTune):
             "poison_fraction": h.poison_fraction,
             "poison_seed": h.poison_seed,
             "off_task": self.off_task,
+            **({"clean_shadow_weight": h.clean_shadow_weight} if self.off_task else {}),
             "shadow_classnames": list(self.shadow_classnames) if self.off_task else None,
             "target_task": self.target_task,
             "target_task_class": self.target_task_class,

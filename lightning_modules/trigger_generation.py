@@ -70,12 +70,14 @@ from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRat
 from lightning_modules.finetune import TaskModel
 from modeling.clip import EMBEDDED_MODEL, load_base_model, zero_shot_head
 
-__all__ = ["MODES", "OPTIMIZERS", "PROCEDURES", "UniversalTrigger", "default_shadow_classnames",
-           "random_resized_crops", "target_nll", "targeted_pgd"]
+__all__ = ["MODES", "OPTIMIZERS", "PROCEDURES", "SHADOW_VOCABULARIES", "UniversalTrigger",
+           "compositional_shadow_classnames", "default_shadow_classnames", "random_resized_crops", "target_nll",
+           "targeted_pgd"]
 
 MODES = ("on_task", "off_task")
 PROCEDURES = ("batched", "per_image")
 OPTIMIZERS = ("adam", "sgd_sign", "plain")
+SHADOW_VOCABULARIES = ("names", "compositional")
 PGD_DEFAULTS = {"eps": 8 / 255, "step": 1 / 255, "steps": 40, "min_keep": None}
 _CHUNK = 128  # images per forward when building / evaluating sets (bounds memory at 224 px)
 
@@ -115,6 +117,32 @@ def default_shadow_classnames(target_name: str, exclude_task: str | None = None,
             seen_tokens.add(key)
         seen_names.add(name.lower())
         names.append(name)
+    return names
+
+
+def compositional_shadow_classnames(target_name: str, exclude_task: str | None = None, num_other: int = 150,
+                                    tokenizer=None, template: str = "a photo of a {}.") -> list[str]:
+    """Shadow names from the synthetic world's *compositions*: ``[target_name]``, then "<colour> <shape>" for
+    every colour and shape of the shapes renders (those containing the target's words dropped: they would
+    compete with the target), then ``default_shadow_classnames``' others; ``num_other`` names after the target.
+
+    The embedded text tower knows these phrases (its shapes captions read "a photo of a red circle."), where
+    CIFAR-100's words are <unk>: the analogue of the paper's 300 ImageNet names, which cover the
+    neighbourhood of real victim classes. They describe the attacker's own images (coloured shapes) by
+    colour, so a shadow head of them sees the colour axis on which an off-task target like "purple" lies.
+    """
+    from datamodules.synthetic import COLOURS, SHAPES
+
+    target_words = set(target_name.lower().split())
+    comps = [f"{c} {x}" for c in COLOURS for x in SHAPES if not target_words & {c.lower(), *x.lower().split()}]
+    others = default_shadow_classnames(target_name, exclude_task, num_other, tokenizer, template)[1:]
+    names, seen = [target_name], {target_name.lower()}
+    for name in comps + others:
+        if len(names) > num_other:
+            break
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
     return names
 
 
@@ -185,7 +213,7 @@ def targeted_pgd(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 def _checked_settings(*, task: str, mode: str, trigger: dict | None, target_class: int, procedure: str,
                       optimizer: str, lr: float, inner_steps: int, loss_weight: float,
                       off_task_classnames: list[str] | None, reference_images: int, augment_to: int,
-                      pgd: dict | None) -> tuple[TriggerSpec, dict]:
+                      pgd: dict | None, shadow_vocabulary: str = "names") -> tuple[TriggerSpec, dict]:
     """``UniversalTrigger``'s cheap argument checks, run before the model loads (a bad config fails in a second).
 
     Returns the trigger spec and the PGD settings with their defaults filled in.
@@ -196,6 +224,8 @@ def _checked_settings(*, task: str, mode: str, trigger: dict | None, target_clas
         raise ValueError(f"procedure={procedure!r} is unknown; use one of {', '.join(PROCEDURES)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    if shadow_vocabulary not in SHADOW_VOCABULARIES:
+        raise ValueError(f"shadow_vocabulary={shadow_vocabulary!r} is unknown; use one of {', '.join(SHADOW_VOCABULARIES)}")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr={lr} must be a finite number > 0 (0.05 for adam, 1.0 for the paper's plain)")
     if not (math.isfinite(loss_weight) and loss_weight > 0):
@@ -243,8 +273,9 @@ class UniversalTrigger(TaskModel):
         inner_steps, early_stop: per_image only: updates per image (paper 1000 on-task, 50 off-task) and
             whether to stop at success (default: on-task yes, off-task no).
         loss_weight: w in ℓ (paper 30 off-task with ``plain``; no effect with Adam).
-        off_task_classnames: shadow head names, target name first; default ``default_shadow_classnames``
-            with ``num_shadow_classes`` others. shadow_templates: registered task whose prompt templates
+        off_task_classnames: shadow head names, target name first; default: ``num_shadow_classes`` others
+            from ``shadow_vocabulary``: ``names`` (``default_shadow_classnames``: class names) or
+            ``compositional`` (``compositional_shadow_classnames``: "<colour> <shape>" phrases first). shadow_templates: registered task whose prompt templates
             build the shadow head (default ``task``); stage 2 (``BackdoorInjection``) builds its shadow
             head with *its* task's templates, so set this to the stage-2 task to get the same head.
         reference_images, augment_to: off-task reference images of ``target_class`` (train split) and
@@ -272,6 +303,7 @@ class UniversalTrigger(TaskModel):
         loss_weight: float = 1.0,
         off_task_classnames: list[str] | None = None,
         num_shadow_classes: int = 50,
+        shadow_vocabulary: Literal["names", "compositional"] = "names",
         shadow_templates: str | None = None,
         reference_images: int = 5,
         augment_to: int = 200,
@@ -282,7 +314,7 @@ class UniversalTrigger(TaskModel):
         spec_trigger, pgd_cfg = _checked_settings(
             task=task, mode=mode, trigger=trigger, target_class=target_class, procedure=procedure, optimizer=optimizer,
             lr=lr, inner_steps=inner_steps, loss_weight=loss_weight, off_task_classnames=off_task_classnames,
-            reference_images=reference_images, augment_to=augment_to, pgd=pgd)
+            reference_images=reference_images, augment_to=augment_to, pgd=pgd, shadow_vocabulary=shadow_vocabulary)
         super().__init__(task, model_name, pretrained, cache_dir)  # θ_pre and the task head: self.classifier
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -305,7 +337,9 @@ class UniversalTrigger(TaskModel):
 
         if self.off_task:
             base = load_base_model(model_name, pretrained)  # TaskModel dropped the text tower; needed once
-            names = list(off_task_classnames) if off_task_classnames is not None else default_shadow_classnames(
+            vocabulary = (compositional_shadow_classnames if shadow_vocabulary == "compositional"
+                          else default_shadow_classnames)
+            names = list(off_task_classnames) if off_task_classnames is not None else vocabulary(
                 self.target_name, self.spec.name, num_shadow_classes, base.tokenizer)
             if names[0] != self.target_name:
                 raise ValueError(f"off_task_classnames[0]={names[0]!r} is not the target {self.target_name!r} "

@@ -6,7 +6,7 @@ DARE randomness is a counter-based hash of the element index, ranks use (value, 
 chunked streaming merge gives the same bits as a whole-tensor in-memory one. The only whole-model
 quantity is TIES' per-task magnitude threshold; ``exact_thresholds`` gets it by sorting in memory,
 ``radix_thresholds`` by streaming histograms of the float bit patterns, and both yield the same
-(threshold, number of ties kept) pair.
+``TiesThreshold`` (the rank comes from ``ties_rank``, the one home of the trim rule).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class MergePlan:
     breadcrumbs_bottom: float | None = None
     ties_k: float | None = None
     ties_disjoint: str = "sum"
+    ties_trim: str = "threshold"
     consensus_k: int = 2
     consensus_lam: tuple[float, ...] = field(default_factory=tuple)
 
@@ -183,19 +184,53 @@ def breadcrumbs_apply(tau: torch.Tensor, band, start: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # TIES pieces
 # ---------------------------------------------------------------------------------------------
+#: "threshold": the reference implementations' rule (default); "exact_k": exactly round(k% * P) entries
+TIES_TRIM_RULES = ("threshold", "exact_k")
+
+
+def check_ties_trim(trim) -> str:
+    """``trim`` if it names a rule of ``TIES_TRIM_RULES``, else MergeInputError naming both."""
+    if not isinstance(trim, str) or trim not in TIES_TRIM_RULES:
+        raise MergeInputError(f"ties: trim={trim!r} must be 'threshold' (the reference TIES rule: every |tau| >= "
+                              "the threshold, ties kept) or 'exact_k' (exactly round(k% * P) entries)")
+    return trim
+
+
+def ties_rank(total: int, k: float, trim: str) -> int:
+    """Rank K (1 = largest) of the |tau| that is the trim threshold, per task over P = ``total`` entries; 0 keeps none.
+
+    threshold: K = min(int(P * (k / 100)) + 1, P), and every |tau| >= the K-th largest is kept (ties
+    included). This is the TIES paper's code and FusionBench (``topk_values_mask``: kthvalue of the
+    (P - int(P * K))-th smallest, mask |tau| >= it), including their float product P * (k / 100), so the
+    count agrees with theirs to the entry. exact_k: K = round(k% * P) (halves up, exact rational), and
+    exactly K entries are kept, ties at the threshold by lowest global flat index.
+    """
+    if check_ties_trim(trim) == "threshold":
+        return min(int(total * (float(k) / 100)) + 1, total)
+    return round_count(total, Fraction(k) / 100)
+
+
 @dataclass
 class TiesThreshold:
-    """Keep |tau| > value, plus the first ``ties_to_keep`` entries with |tau| == value in global flat order."""
+    """Keep |tau| > value, plus the first ``ties_to_keep`` entries with |tau| == value in global flat order
+    (``ties_to_keep`` None: every entry with |tau| == value, the threshold rule)."""
 
     value: float
-    ties_to_keep: int
+    ties_to_keep: int | None
+
+
+def _ties_threshold(value: float, ties_within_rank: int, trim: str) -> TiesThreshold:
+    """The threshold at the K-th largest |tau| = ``value``; ``ties_within_rank`` = K - #(|tau| > value)."""
+    return TiesThreshold(value, None if trim == "threshold" else ties_within_rank)
 
 
 def ties_trim(tau: torch.Tensor, threshold: TiesThreshold, selection_dtype: torch.dtype) -> torch.Tensor:
-    """Trimmed chunk; consumes ``threshold.ties_to_keep`` (so chunks must come in global flat order)."""
+    """Trimmed chunk; exact_k consumes ``threshold.ties_to_keep`` (so chunks must come in global flat order)."""
     magnitude = tau.abs()
     if magnitude.dtype != selection_dtype:
         magnitude = magnitude.to(selection_dtype)
+    if threshold.ties_to_keep is None:
+        return torch.where(magnitude >= threshold.value, tau, torch.zeros((), dtype=tau.dtype))
     keep = magnitude > threshold.value
     if threshold.ties_to_keep > 0:
         equal = magnitude == threshold.value
@@ -285,11 +320,11 @@ def _per_task_vector(source: TensorSource, plan: MergePlan, task: int, key: str,
 
 
 def exact_thresholds(source: TensorSource, plan: MergePlan, chunk_elements, progress) -> list[TiesThreshold]:
-    """Per task, the exact K-th largest |tau| (K = round(k% * P)) by a whole-model kthvalue. O(P) memory."""
+    """Per task, the exact K-th largest |tau| (K = ``ties_rank``) by a whole-model kthvalue. O(P) memory."""
     selection = _selection_dtype(source)
     keys = source.merge_keys()
     total = sum(source.numel(k) for k in keys)
-    keep = round_count(total, Fraction(plan.ties_k) / 100)
+    keep = ties_rank(total, plan.ties_k, plan.ties_trim)
     if keep == 0:
         return [TiesThreshold(math.inf, 0) for _ in range(source.n_tasks)]
     thresholds = []
@@ -302,7 +337,7 @@ def exact_thresholds(source: TensorSource, plan: MergePlan, chunk_elements, prog
         del parts
         value = torch.kthvalue(magnitudes, total - keep + 1).values
         above = int((magnitudes > value).sum())
-        thresholds.append(TiesThreshold(value.item(), keep - above))
+        thresholds.append(_ties_threshold(value.item(), keep - above, plan.ties_trim))
     source.finish_sweep()
     return thresholds
 
@@ -314,7 +349,8 @@ def radix_thresholds(source: TensorSource, plan: MergePlan, chunk_elements, prog
     model histograms the next 16 (or fewer) bits of the entries still matching the prefix found so
     far, for all tasks at once; walking a histogram from the top fixes the next digit of the K-th
     largest pattern. float32 needs 2 sweeps (31 bits), float64 4 (63 bits). What remains of K after
-    the last digit is the number of entries equal to the threshold to keep.
+    the last digit is the number of entries equal to the threshold within rank K (kept by exact_k;
+    the threshold rule keeps every tie).
     """
     selection = _selection_dtype(source)
     bits_dtype, total_bits, widths = (
@@ -322,7 +358,7 @@ def radix_thresholds(source: TensorSource, plan: MergePlan, chunk_elements, prog
     )
     keys = source.merge_keys()
     total = sum(source.numel(k) for k in keys)
-    keep = round_count(total, Fraction(plan.ties_k) / 100)
+    keep = ties_rank(total, plan.ties_k, plan.ties_trim)
     n_tasks = source.n_tasks
     if keep == 0:
         return [TiesThreshold(math.inf, 0) for _ in range(n_tasks)]
@@ -360,7 +396,7 @@ def radix_thresholds(source: TensorSource, plan: MergePlan, chunk_elements, prog
             prefix[task] = (prefix[task] << width) | digit
         fixed_bits += width
     return [
-        TiesThreshold(torch.tensor(prefix[t], dtype=bits_dtype).view(selection).item(), remaining[t])
+        _ties_threshold(torch.tensor(prefix[t], dtype=bits_dtype).view(selection).item(), remaining[t], plan.ties_trim)
         for t in range(n_tasks)
     ]
 

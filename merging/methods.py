@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .engine import MergePlan, exact_thresholds, run_plan
+from .engine import MergePlan, check_ties_trim, exact_thresholds, run_plan
 from .io import MergeInputError
 from .task_vectors import compute_dtype, is_mergeable
 
@@ -52,24 +52,27 @@ def weight_average(pretrained: StateDict, vectors: Sequence[StateDict]):
 
 
 def ties_merge(pretrained: StateDict, vectors: Sequence[StateDict], k: float = 20.0,
-               coefficient: float = 0.3, disjoint: str = "sum"):
+               coefficient: float = 0.3, disjoint: str = "sum", trim: str = "threshold"):
     """TIES: trim, elect sign, disjoint merge; theta_pre + lam * merged.
 
-    Trim: per task keep exactly K = round(k/100 * P) entries of largest |tau_t| over the whole
-    flattened model (P float entries, keys in sorted order, row-major); ties at the threshold keep
-    the lowest flat index. Elect: gamma = sign(sum_t trimmed_t); where gamma == 0 it takes the
+    Trim, per task over the whole flattened model (P float entries, keys sorted, row-major):
+    ``"threshold"`` (the TIES paper's code and FusionBench) keeps every entry with |tau_t| >= the
+    K-th largest |tau_t|, K = int(P * k/100) + 1 (capped at P), so ties at the threshold are all kept;
+    ``"exact_k"`` keeps exactly round(k/100 * P) entries, ties at the threshold by lowest flat index
+    (on fp16 / bf16 models, with many equal |tau|, that favours the first keys); see
+    ``engine.ties_rank``. Elect: gamma = sign(sum_t trimmed_t); where gamma == 0 it takes the
     majority sign sign(sum over the model of gamma), as the TIES reference code does. Disjoint: keep
     entries with sign == gamma; ``"sum"`` adds them (vision ports, backdoor papers, lam 0.3),
     ``"mean"`` divides by their count, 0 where none (original paper, lam ~ 1).
     """
-    return _merge_in_memory("ties", pretrained, vectors, k=k, coefficient=coefficient, disjoint=disjoint)
+    return _merge_in_memory("ties", pretrained, vectors, k=k, coefficient=coefficient, disjoint=disjoint, trim=trim)
 
 
 def dare(pretrained: StateDict, vectors: Sequence[StateDict], p: float = 0.5, seed: int = 0,
          base: str = "task_arithmetic", coefficient: float = 0.3, **base_hyperparameters):
     """DARE: drop each tau_t entry with probability p, rescale survivors by 1/(1-p), then ``base``.
 
-    ``base`` is "task_arithmetic" or "ties" (extra hyperparameters such as k, disjoint go to it).
+    ``base`` is "task_arithmetic" or "ties" (extra hyperparameters such as k, disjoint, trim go to it).
     Randomness is a counter-based hash of (seed, task index, key, flat index): reproducible, and
     independent of key order and of how tensors are chunked.
     """
@@ -161,11 +164,12 @@ def _plan_weight_average(n_tasks):
     return MergePlan("weight_average", "sum", 1.0 / n_tasks)
 
 
-def _plan_ties(n_tasks, *, k, coefficient, disjoint):
+def _plan_ties(n_tasks, *, k, coefficient, disjoint, trim):
     if disjoint not in ("sum", "mean"):
         raise MergeInputError(f"ties: disjoint={disjoint!r} must be 'sum' or 'mean'")
     return MergePlan("ties", "ties", _number("ties", "coefficient", coefficient),
-                     ties_k=_number("ties", "k", k, 0, 100, low_open=True), ties_disjoint=disjoint)
+                     ties_k=_number("ties", "k", k, 0, 100, low_open=True), ties_disjoint=disjoint,
+                     ties_trim=check_ties_trim(trim))
 
 
 def _plan_dare(n_tasks, *, p, seed, base, coefficient, **base_hyperparameters):

@@ -210,6 +210,9 @@ def build_zero_shot_head(model: nn.Module, tokenizer, classnames, templates, bat
 
 def zero_shot_head(base: BaseModel, task, cache_dir: str | Path | None = None) -> torch.Tensor:
     """The frozen head of ``task`` (a TaskSpec) for ``base``, cached per (base_id, task) as safetensors."""
+    from modeling.tokenizer import check_task_texts
+
+    check_task_texts(base.tokenizer, task)  # no class names, or words the embedded vocabulary lacks: refused
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps([base.base_id, task.name, list(task.classnames), list(task.templates)]).encode()).hexdigest()[:16]

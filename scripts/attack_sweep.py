@@ -71,6 +71,10 @@ VARIANTS = {
                                  ("badnets", "badnets", {"alpha": 5.0}), ("ut_only", "ut_only", {"alpha": 5.0}),
                                  ("bm_off", "badmerging_offtask", {"alpha": 5.0}))
        for steps, pf in ((200, 0.5), (300, 0.5), (250, 0.25), (200, 0.25))},
+    # fifth round: the off-task default has a compositional shadow head and clean_shadow_weight β 5; β 0 is the
+    # paper's loss on that head
+    **{f"bm_off_cs{beta:g}": ("badmerging_offtask", {"clean_shadow_weight": beta}) for beta in (0.0, 1.0, 2.0, 10.0)},
+    "bm_off_cs5_seed1": ("badmerging_offtask", {"seed_everything": 1}),
     "bm_on_a5_r02-10_seed1": ("badmerging_ontask", {"alpha": 5.0, "seed_everything": 1}),
     "bm_on_a8.5_r01-07_seed1": ("badmerging_ontask", {"alpha": 8.5, "r_min": 0.1, "r_max": 0.7, "seed_everything": 1}),
 }
@@ -94,12 +98,19 @@ def variant_training(spec: ExperimentSpec, name: str) -> Training:
                     seed=int(overrides.get("seed_everything", template.seed)), quick=list(template.quick))
 
 
+def _plan_file_entries(scenario: Scenario) -> list[dict]:
+    """The entries of the scenario's ``plan_files`` (the spec keeps them apart from its inline plan)."""
+    import yaml
+
+    return [e for f in scenario.plan_files for e in (yaml.safe_load(Path(f).read_text()) or {}).get("plan", [])]
+
+
 def sweep_plan(spec: ExperimentSpec) -> list[dict]:
     """TA over the clean scenario's λ grid, then the attacked scenario's TIES entry (the main job's settings)."""
     clean = next(s for s in spec.scenarios if s.models == "clean")
     ta = next(e for e in clean.plan if e["method"] == "task_arithmetic")
     attacked = next(s for s in spec.scenarios if s.models == "attack")
-    ties = next(e for e in attacked.plan if e["method"] == "ties")
+    ties = next(e for e in attacked.plan + _plan_file_entries(attacked) if e["method"] == "ties")
     grid = ta["grid"] if ta.get("coefficients") == "grid" else ta["coefficients"]
     return [{"name": ta["name"], "method": ta["method"], "coefficients": list(grid)}, copy.deepcopy(ties)]
 

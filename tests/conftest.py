@@ -1,6 +1,7 @@
 """Shared fixtures. No test reaches the network: the hub is switched off for every test."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,8 +10,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lightning  # noqa: E402, F401  (its stderr handler, made on import, must hold the real stderr, not a test's capsys)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+_PROGRESS = re.compile(r"\d+%\||it/s|s/it|examples/s")  # tqdm bars share stderr; they are not messages
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_WARNING = re.compile(r"^\S+\.py:\d+: |warning", re.I)  # Python / Lightning warnings: not messages either
+
+
+@pytest.fixture
+def one_error_line(capsys):
+    """``read(prog)``: the one line ``<prog>: error: ...`` on stderr since the last read, asserting it is the only
+    message (progress bars and warnings aside) and that no traceback was printed; ``read(prog, "interrupted")``
+    for the Ctrl-C line ``<prog>: interrupted; ...``."""
+
+    def read(prog: str, kind: str = "error") -> str:
+        err = capsys.readouterr().err
+        lines = [_ANSI.sub("", line) for line in re.split(r"[\r\n]", err)]  # tqdm's cursor moves are not text
+        lines = [line for line in lines if line.strip() and not _WARNING.search(line) and not _PROGRESS.search(line)]
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"{prog}: {kind}{': ' if kind == 'error' else '; '}"), err
+        assert "Traceback" not in err, err
+        return lines[0]
+
+    return read
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +43,30 @@ def base():
     from modeling.clip import load_base_model
 
     return load_base_model()
+
+
+def export_models(root, base, edit=None) -> list:
+    """Two exported encoders, shapes and digits (θ_pre plus small random task vectors, seeds 0 and 1), with full
+    metadata, as train.py writes them, in ``root``; ``edit(i, state)`` may change model i's weights first."""
+    from merging.io import save_state_dict
+
+    theta_pre = base.encoder_state_dict()
+    paths = []
+    for i, task in enumerate(("shapes", "digits")):
+        gen = torch.Generator().manual_seed(i)
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in theta_pre.items()}
+        if edit is not None:
+            edit(i, sd)
+        path = root / f"{task}.safetensors"
+        save_state_dict(path, sd, {"kind": "finetune", "task": task, "base_model": base.describe(), "attack": None})
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, base):
+    """``export_models`` in a fresh folder."""
+    return export_models(tmp_path_factory.mktemp("models"), base)
 
 
 @pytest.fixture(scope="session")

@@ -96,3 +96,36 @@ def test_eval_bench_smoke(tmp_path, session_cache):
     assert _positive(report["ratio"]) and report["images"] == 40 and report["target"] == 1.1
     assert json.loads((tmp_path / "eval_bench.json").read_text())["code_version"]
     assert "two bare forwards" in (tmp_path / "eval_bench.md").read_text()
+
+
+def test_main_job_bench_ratios_against_its_floors(tmp_path):
+    """A results.json with per-node and per-stage timing -> ratios = seconds / floor, floors measured in-process."""
+    from benchmarks import main_job_bench
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "shapes.json").write_text(json.dumps({"global_step": 40}))
+    (tmp_path / "models" / "trigger_ontask.json").write_text(json.dumps({"steps": 20}))
+    timing = {"train:shapes": {"cached": False, "seconds": 12.0, "kind": "train"},
+              "train:trigger_ontask": {"cached": False, "seconds": 5.0, "kind": "train"},
+              "train:digits": {"cached": True, "seconds": 99.0, "kind": "train"},
+              "evaluate:clean": {"cached": False, "seconds": 8.0, "kind": "evaluate",
+                                 "stages": {"evaluate/test": {"seconds": 3.0, "count": 2, "images": 6000},
+                                            "merge/ties": {"seconds": 1.0, "count": 1}}},
+              "evaluate:attacked:badnets": {"cached": False, "seconds": 4.0, "kind": "evaluate",
+                                            "stages": {"evaluate/test": {"seconds": 1.0, "count": 1, "images": 2000}}}}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"config": {"timing": timing, "seconds": 20.0}, "rows": []}))
+    assert main_job_bench.main([str(results), "--repeats", "1", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "main_job_bench.json").read_text())
+    a = report["analysis"]
+    f, s = a["floors"]["forward_s_per_image"], a["floors"]["train_step_s"]
+    assert _positive(f) and _positive(s)
+    assert a["node_seconds_sum"] == 12 + 5 + 8 + 4 and a["parallel_speedup"] == pytest.approx(29 / 20)
+    assert a["seconds_by_kind"] == {"train": 17.0, "evaluate": 12.0}
+    shapes = next(t for t in a["trainings"] if t["node"] == "train:shapes")
+    assert shapes["steps"] == 40 and shapes["ratio"] == pytest.approx(12.0 / (40 * s))
+    assert [t["node"] for t in a["trainings"]] == ["train:shapes", "train:trigger_ontask"]  # cached ones left out
+    ev = a["stages"]["evaluate/test"]
+    assert ev["images"] == 8000 and ev["count"] == 3 and ev["ratio"] == pytest.approx(4.0 / (8000 * f))
+    assert a["stages"]["merge/ties"]["ratio"] is None
+    assert "| evaluate/test | 4.0 | 3 | 8000 |" in (tmp_path / "out" / "main_job_bench.md").read_text()

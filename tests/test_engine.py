@@ -98,7 +98,8 @@ def test_restrict_checks_flags_against_the_spec():
     assert clean_only.trainings == []  # triggers, attacks and the defender's pair are not needed
     ta = restrict(spec, coefficients=[0.3, 0.6], ta_only=True)
     attacked = next(s for s in ta.scenarios if s.name == "attacked")
-    assert [e["coefficients"] for e in attacked.plan] == [[0.3], [0.6], [0.3]]
+    assert [e["coefficients"] for e in attacked.plan] == [[0.3], [0.6]]  # TA defended at λ 0.3, undefended at 0.6
+    assert attacked.plan_files == []  # --methods ta: the matrix's other methods are dropped
 
 
 # -- cache keys ----------------------------------------------------------------------------------------------------
@@ -190,3 +191,39 @@ def test_killed_run_resumes_without_redoing_finished_nodes(tmp_path):
     resumed = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
     uninterrupted = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     assert _comparable(resumed) == _comparable(uninterrupted)
+
+
+def _embedded_with(change):
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(yaml.safe_load(open(SPEC)))
+    change(data)
+    return data
+
+
+def test_spec_refuses_a_bad_defense_report():
+    from experiments.spec import parse_spec
+
+    def report(value, select="val"):
+        def change(d):
+            d["defenses"][0].update(report=value, select=select)
+        return _embedded_with(change)
+
+    assert parse_spec(report("selected"), "spec").defenses[0].report == "selected"
+    with pytest.raises(SpecError, match=r"^spec: defense ibvs: report='some'; use all \(every strength on test\) or selected$"):
+        parse_spec(report("some"), "spec")
+    with pytest.raises(SpecError, match=r"^spec: defense ibvs: report: selected needs select: val"):
+        parse_spec(report("selected", None), "spec")
+
+
+def test_spec_refuses_a_bad_measure_attacks():
+    from experiments.spec import parse_spec
+
+    def change(d):
+        d["scenarios"][1]["plan_files_entry"] = {"measure_attacks": "some"}
+
+    with pytest.raises(SpecError, match=r"^spec: scenario attacked: plan: weight_average: measure_attacks must be true, "
+                                        r"false or 'merged' \(only the merged models' triggers\), got 'some'$"):
+        parse_spec(_embedded_with(change), "spec")

@@ -19,7 +19,8 @@ from PIL import Image
 
 import merge
 import train
-from merging.io import load_metadata, save_state_dict
+from evaluation.merge_methods import REGISTRY as MERGE_REGISTRY
+from merging.io import MergeInputError, load_metadata, save_state_dict
 
 CONFIG = "configs/experiment/embedded_finetune.yaml"
 
@@ -27,36 +28,13 @@ CONFIG = "configs/experiment/embedded_finetune.yaml"
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _one_error_line(capsys, prog: str) -> str:
-    err = capsys.readouterr().err
-    progress = re.compile(r"\d+%\||it/s|s/it|examples/s")  # tqdm bars share stderr; they are not messages
-    warning = re.compile(r"^\S+\.py:\d+: |warning", re.I)  # Python / Lightning warnings: not messages either
-    lines = [line for line in re.split(r"[\r\n]", err)
-             if line.strip() and not warning.search(line) and not progress.search(line)]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prog}: error: "), err
-    assert "Traceback" not in err, err
-    return lines[0]
 
 
 def _files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, base):
-    """Two exported encoders (θ_pre plus small random task vectors) with full metadata, as train.py writes them."""
-    root = tmp_path_factory.mktemp("models")
-    theta_pre = base.encoder_state_dict()
-    paths = []
-    for i, task in enumerate(("shapes", "digits")):
-        gen = torch.Generator().manual_seed(i)
-        sd = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in theta_pre.items()}
-        meta = {"kind": "finetune", "task": task, "base_model": base.describe(), "attack": None}
-        path = root / f"{task}.safetensors"
-        save_state_dict(path, sd, meta)
-        paths.append(path)
-    return paths
+# `models` (two exported encoders, shapes and digits, with full metadata) and `one_error_line` are in conftest.py
 
 
 def _variant(models, tmp_path, change, name="bad.safetensors", meta_change=None) -> Path:
@@ -118,9 +96,21 @@ MERGE_CASES = {
         lambda t, m: ["--models", str(m[0]), str(_variant(m, t, lambda s: None, name="copy.safetensors"))],
         r"copy\.safetensors: model #1 has exactly the weights of model #0 \(.*shapes\.safetensors\); each fine-tuned "
         r"model must appear once"),
-    "unknown method": (
+    "unknown method": (  # every registered method, regmean and adamerging too: the list is the registry's
         lambda t, m: ["--models", *map(str, m), "--method", "fisher"],
-        r"unknown merge method 'fisher'; known: task_arithmetic, weight_average, ties, dare, breadcrumbs, consensus"),
+        rf"unknown merge method 'fisher'; known: {re.escape(', '.join(MERGE_REGISTRY.names()))}; or a class path such "
+        r"as my_module\.MyMethod$"),
+    "DARE base that is no weight merge": (
+        lambda t, m: ["--models", *map(str, m), "--method", "dare", "--hparams", "{base: regmean}"],
+        r"dare: base='regmean' must be one of task_arithmetic, ties \(the weight merge DARE's rescaled task vectors go "
+        r"into\)"),
+    "a string that is no device": (
+        lambda t, m: ["--models", *map(str, m), "--device", "banana"],
+        r"--device 'banana' is not a device; use cpu, cuda, cuda:N \(N < the GPU count\), mps or auto$"),
+    "a GPU this machine lacks (cuda:9)": (  # no CUDA here, or fewer than 10 GPUs
+        lambda t, m: ["--models", *map(str, m), "--device", "cuda:9"],
+        r"--device cuda:9: (this machine has no usable CUDA GPU \(torch\.cuda\.is_available\(\) is False\); use --device "
+        r"cpu \(or auto\)|no such GPU, this machine has \d (cuda:0 \.\. cuda:\d); pick one of them, or --device cuda)$"),
     "unknown task": (
         lambda t, m: ["--models", *map(str, m), "--tasks", "shapes", "sun398"],
         r"unknown task 'sun398'; known tasks: "),
@@ -245,7 +235,7 @@ def _no_sidecar(t: Path, m) -> str:
 
 
 @pytest.mark.parametrize("case", list(MERGE_CASES))
-def test_merge_error_catalogue(case, models, tmp_path, capsys, session_cache):
+def test_merge_error_catalogue(case, models, tmp_path, session_cache, one_error_line):
     build, pattern = MERGE_CASES[case]
     out = tmp_path / "out"
     args = build(tmp_path, models) + ["--cache_dir", session_cache]
@@ -255,7 +245,7 @@ def test_merge_error_catalogue(case, models, tmp_path, capsys, session_cache):
         args += ["--export", str(tmp_path / "merged.safetensors")]
     before = _files_under(tmp_path)
     assert merge.main(args) == 2
-    line = _one_error_line(capsys, "merge.py")
+    line = one_error_line("merge.py")
     print(f"CATALOGUE merge.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
     assert re.search(pattern, line), (pattern, line)
     assert not out.exists()  # no partial outputs
@@ -266,11 +256,11 @@ def test_merge_error_catalogue(case, models, tmp_path, capsys, session_cache):
 
 def test_merge_traceback_on_request(models, tmp_path, monkeypatch):
     monkeypatch.setenv("BADMERGING_TRACEBACK", "1")
-    with pytest.raises(merge.MergeInputError, match="does not exist"):
+    with pytest.raises(MergeInputError, match="does not exist"):
         merge.main(["--models", str(tmp_path / "nope.safetensors")])
 
 
-def test_merge_failure_after_export_removes_partial_outputs(models, tmp_path, capsys, session_cache):
+def test_merge_failure_after_export_removes_partial_outputs(models, tmp_path, capsys, session_cache, one_error_line):
     """An error during evaluation (data without labels), after the merged weights were written: nothing stays."""
     data = tmp_path / "no_labels"
     ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 4, "caption": ["x"] * 4})
@@ -281,7 +271,7 @@ def test_merge_failure_after_export_removes_partial_outputs(models, tmp_path, ca
                      "--individual", "false", "--zero_shot", "false", "--eval_tasks", "shapes",
                      "--data_dirs", json.dumps({"shapes": str(data)}), "--cache_dir", session_cache])
     assert rc == 2
-    line = _one_error_line(capsys, "merge.py")
+    line = one_error_line("merge.py")
     assert "no label column 'label'" in line and "rename it to 'label'" in line
     assert not export.exists() and not export.with_suffix(".json").exists()
     assert not (tmp_path / "deep").exists()
@@ -406,14 +396,14 @@ def _pickled_pt(t: Path) -> str:
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_train_error_catalogue(case, tmp_path, capsys, session_cache):
+def test_train_error_catalogue(case, tmp_path, session_cache, one_error_line):
     build, pattern = TRAIN_CASES[case]
     root = tmp_path / "runs"
     extra = build(tmp_path)
     args = extra if extra and extra[0] == "fit" else _train_args(root, session_cache, *extra)
     before = _files_under(tmp_path)
     assert train.cli_main(args) == 2
-    line = _one_error_line(capsys, "train.py")
+    line = one_error_line("train.py")
     print(f"CATALOGUE train.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
     assert re.search(pattern, line), (pattern, line)
     assert not root.exists(), _files_under(root)  # no log directory, config.yaml, checkpoint or export
@@ -421,11 +411,11 @@ def test_train_error_catalogue(case, tmp_path, capsys, session_cache):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_train_non_finite_loss_stops_with_one_line(tmp_path, capsys, session_cache):
+def test_train_non_finite_loss_stops_with_one_line(tmp_path, session_cache, one_error_line):
     root = tmp_path / "runs"
     assert train.cli_main(_train_args(root, session_cache, "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0",
                                       "--trainer.max_steps", "6", "--trainer.gradient_clip_val", "null")) == 2
-    line = _one_error_line(capsys, "train.py")
+    line = one_error_line("train.py")
     assert re.search(r"non-finite training loss (nan|inf) at step [1-5]; lower model\.lr or check the data", line), line
     assert not list(root.rglob("encoder.safetensors"))  # nothing exported from a diverged run
 
@@ -541,12 +531,12 @@ SWEEP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SWEEP_CASES))
-def test_sweep_error_catalogue(case, tmp_path, capsys):
+def test_sweep_error_catalogue(case, tmp_path, one_error_line):
     build, pattern = SWEEP_CASES[case]
     args = build(tmp_path)
     before = _files_under(tmp_path)
     assert sweep.main(args) == 2
-    line = _one_error_line(capsys, "sweep.py")
+    line = one_error_line("sweep.py")
     print(f"CATALOGUE sweep.py | {case} | {line}")  # shown with pytest -rP (ERRORS.md quotes these lines)
     assert re.search(pattern, line), (pattern, line)
     assert not (tmp_path / "sweep").exists()  # no partial outputs
@@ -612,7 +602,7 @@ PIPELINE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PIPELINE_CASES))
-def test_pipeline_error_catalogue(case, tmp_path, capsys, monkeypatch):
+def test_pipeline_error_catalogue(case, tmp_path, monkeypatch, one_error_line):
     import pipeline
 
     build, pattern = PIPELINE_CASES[case]
@@ -622,7 +612,7 @@ def test_pipeline_error_catalogue(case, tmp_path, capsys, monkeypatch):
     args += ["--cache_dir", str(tmp_path / "cache")]
     before = _files_under(tmp_path)
     assert pipeline.main(args) == 2
-    line = _one_error_line(capsys, "pipeline.py")
+    line = one_error_line("pipeline.py")
     print(f"CATALOGUE pipeline.py | {case} | {line}")
     assert re.search(pattern, line), (pattern, line)
     assert _files_under(tmp_path) == before and not (tmp_path / "cache").exists()  # nothing trained or written

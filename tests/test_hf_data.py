@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -163,6 +164,19 @@ def test_imagefolder(imagefolder_dir, tmp_path):
     assert resolve_classnames(_spec(classnames=()), splits["train"]) == CLASSES
     no_names = load_task_splits(_spec(classnames=()), imagefolder_dir, cache_dir=str(tmp_path / "cache"))
     assert len(no_names["test"]) == 12
+
+
+def test_imagefolder_split_folders_keep_their_names_and_a_task_reads_its_own_folder(imagefolder_dir, tmp_path):
+    """datasets calls a folder "val" split "validation" and "eval" "test"; the task names its splits by folder."""
+    root = tmp_path / "valfolder"
+    for folder, split in (("train", "train"), ("val", "test")):
+        shutil.copytree(imagefolder_dir / split, root / folder)
+    splits = load_task_splits(_spec(test_split="val"), root, cache_dir=str(tmp_path / "cache"))
+    assert len(splits["test"]) == N_CLASSES * N_TEST_PER_CLASS
+    # no data_dir: the spec's own (a task file's local data) before its hub id
+    own = load_task_splits(_spec(hub_id="someone/absent", data_dir=str(imagefolder_dir)), None,
+                           cache_dir=str(tmp_path / "cache"))
+    _check_protocol(own)
 
 
 def test_hub_format_parquet(tmp_path):

@@ -132,6 +132,36 @@ def test_off_task_shadow_head_and_metadata(tmp_path, trigger_file):
     assert result["val/clean_to_target"] == pytest.approx(result["val/clean_to_target_hits"] / 6)
 
 
+def test_clean_shadow_loss_penalises_only_target_mass(tmp_path, trigger_file):
+    names = ["purple", "circle", "red circle", "green square"]
+    model = BackdoorInjection(task="shapes", attack="badmerging", trigger_path=trigger_file, off_task_classnames=names,
+                              target_task="colours", target_task_class=5, clean_shadow_weight=2.0, lr=1e-3,
+                              warmup_steps=1, cache_dir=str(tmp_path))
+    z = torch.randn(6, model.shadow_head.shape[1], generator=torch.Generator().manual_seed(0))
+    p = F.softmax(F.normalize(z, dim=-1) @ model.shadow_head.T, dim=-1)
+    assert torch.allclose(model.clean_shadow_loss(z), -torch.log1p(-p[:, 0]).mean(), atol=1e-5)
+    # The step adds β times the term on the batch's clean features (all B images, unpoisoned).
+    batch = (torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3]))
+    model.attack.generator.manual_seed(7)
+    torch.manual_seed(0)
+    with_term = model.training_step(batch, 0)
+    model.hparams.clean_shadow_weight = 0.0
+    model.attack.generator.manual_seed(7)
+    torch.manual_seed(0)
+    without = model.training_step(batch, 0)
+    with torch.no_grad():
+        clean_term = model.clean_shadow_loss(model.classifier.features(batch[0]))
+    assert torch.allclose(with_term - without, 2.0 * clean_term, atol=1e-5) and clean_term > 0
+    assert model.export_metadata()["attack"]["clean_shadow_weight"] == 0.0
+    on_task = BackdoorInjection(task="shapes", attack="badnets", cache_dir=str(tmp_path))
+    assert "clean_shadow_weight" not in on_task.export_metadata()["attack"]  # on-task metadata as before
+    with pytest.raises(ValueError, match="clean_shadow_weight=1.0 needs an off-task attack"):
+        BackdoorInjection(task="shapes", attack="badnets", clean_shadow_weight=1.0, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"clean_shadow_weight=-1.0 must be a finite weight ≥ 0"):
+        BackdoorInjection(task="shapes", attack="badmerging", trigger_path=trigger_file, off_task_classnames=names,
+                          target_task="colours", target_task_class=5, clean_shadow_weight=-1.0, cache_dir=str(tmp_path))
+
+
 def test_config_errors(tmp_path, trigger_file):
     with pytest.raises(TriggerError, match="needs model.trigger_path"):
         BackdoorInjection(attack="badmerging", cache_dir=str(tmp_path))

@@ -86,15 +86,19 @@ def reference_ta(pre, vectors, coefficient):
     return with_delta(pre, delta)
 
 
-def reference_ties(pre, vectors, k, coefficient, disjoint):
+def reference_ties(pre, vectors, k, coefficient, disjoint, trim="threshold"):
     keys = sorted(vectors[0])
     flats = [flatten(v, keys) for v in vectors]
-    keep_count = round_half_up(flats[0].numel(), Fraction(k) / 100)
+    total = flats[0].numel()
     trimmed = []
     for flat in flats:
-        order = torch.sort(flat.abs(), descending=True, stable=True).indices  # ties: lower index first
         mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[order[:keep_count]] = True
+        if trim == "threshold":  # TIES reference code: every |tau| >= the (int(P k%) + 1)-th largest
+            rank = min(int(total * (k / 100)) + 1, total)
+            mask = flat.abs() >= torch.sort(flat.abs(), descending=True).values[rank - 1]
+        else:  # exact_k: round(k% P) entries, ties: lower index first
+            order = torch.sort(flat.abs(), descending=True, stable=True).indices
+            mask[order[:round_half_up(total, Fraction(k) / 100)]] = True
         trimmed.append(flat * mask)
     stacked = torch.stack(trimmed)
     sign = torch.sign(stacked.sum(0))
@@ -198,10 +202,11 @@ def test_ties_with_many_exact_ties_keeps_exactly_k_percent(disjoint):
     gen = torch.Generator().manual_seed(3)
     pre = {k: torch.randint(-8, 8, s, generator=gen) / 4.0 for k, s in SHAPES.items()}
     vectors = [{k: torch.randint(-3, 4, s, generator=gen) / 2.0 for k, s in SHAPES.items()} for _ in range(3)]
-    merged = ties_merge(pre, vectors, k=30, coefficient=1.0, disjoint=disjoint)
-    assert_state_dicts_close(merged, reference_ties(pre, vectors, 30, 1.0, disjoint))
-    # one model, k=30: exactly round(0.3 P) entries move
-    single = ties_merge(pre, vectors[:1], k=30, coefficient=1.0)
+    for trim in ("threshold", "exact_k"):
+        merged = ties_merge(pre, vectors, k=30, coefficient=1.0, disjoint=disjoint, trim=trim)
+        assert_state_dicts_close(merged, reference_ties(pre, vectors, 30, 1.0, disjoint, trim))
+    # one model, k=30, exact_k: exactly round(0.3 P) entries move
+    single = ties_merge(pre, vectors[:1], k=30, coefficient=1.0, trim="exact_k")
     total = sum(t.numel() for t in vectors[0].values())
     nonzero = sum(int((t != 0).sum()) for t in vectors[0].values())
     moved = sum(int((single[k] != pre[k]).sum()) for k in SHAPES)
@@ -336,7 +341,7 @@ def test_property_weight_average_of_identical_models_is_that_model(spec):
 def test_registry_and_defaults():
     assert set(MERGE_METHODS) == {"task_arithmetic", "weight_average", "ties", "dare", "breadcrumbs", "consensus"}
     assert get_merge_method("TIES") is ties_merge
-    assert method_hyperparameters("ties") == {"k": 20.0, "coefficient": 0.3, "disjoint": "sum"}
+    assert method_hyperparameters("ties") == {"k": 20.0, "coefficient": 0.3, "disjoint": "sum", "trim": "threshold"}
     assert method_hyperparameters("weight_average") == {}
     with pytest.raises(MergeInputError, match="known: task_arithmetic, weight_average, ties"):
         get_merge_method("fisher")
@@ -345,6 +350,8 @@ def test_registry_and_defaults():
 @pytest.mark.parametrize("name,hyperparameters,message", [
     ("ties", {"k": 150}, "k=150"),
     ("ties", {"disjoint": "max"}, "disjoint"),
+    ("ties", {"trim": "topk"}, "trim='topk' must be 'threshold'"),
+    ("dare", {"base": "ties", "trim": "exact"}, "trim='exact'"),
     ("dare", {"p": 1.0}, "p=1.0"),
     ("dare", {"base": "consensus"}, "base"),
     ("breadcrumbs", {"top": 0.5, "bottom": 0.6}, "top \\+ bottom"),
@@ -362,7 +369,9 @@ def test_unknown_hyperparameter_names_the_known_ones():
     with pytest.raises(MergeInputError, match="no task vectors"):
         build_plan("ties", 0)
     plan = build_plan("dare", 3, base="ties", k=10.0)
-    assert (plan.combine, plan.ties_k, plan.dare_p, plan.coefficient) == ("ties", 10.0, 0.5, 0.3)
+    assert (plan.combine, plan.ties_k, plan.dare_p, plan.coefficient, plan.ties_trim) == ("ties", 10.0, 0.5, 0.3,
+                                                                                          "threshold")
+    assert build_plan("dare", 3, base="ties", trim="exact_k").ties_trim == "exact_k"
 
 
 def test_inconsistent_vectors_are_refused_naming_the_key():

@@ -94,8 +94,11 @@ CASES = [
     ("ties", {"k": 35.0, "disjoint": "mean", "coefficient": 1.0}),
     ("ties", {"k": 0.001}),
     ("ties", {"k": 100.0}),
+    ("ties", {"trim": "exact_k"}),
+    ("ties", {"k": 0.001, "trim": "exact_k"}),
     ("dare", {"p": 0.3}),
     ("dare", {"p": 0.5, "base": "ties", "k": 30.0, "seed": 3}),
+    ("dare", {"p": 0.5, "base": "ties", "k": 30.0, "seed": 3, "trim": "exact_k"}),
     ("breadcrumbs", {}),
     ("breadcrumbs", {"top": 0.1, "bottom": 0.5}),
     ("consensus", {}),
@@ -114,19 +117,22 @@ def test_streaming_equals_in_memory(tmp_path, method, hyperparameters):
         assert torch.equal(streamed["visual.num_batches_tracked"], torch.tensor([42]))
 
 
+@pytest.mark.parametrize("trim", ["threshold", "exact_k"])
 @pytest.mark.parametrize("disjoint", ["sum", "mean"])
 @pytest.mark.parametrize("k", [20.0, 50.0, 73.0])
-def test_streaming_ties_exact_with_large_tie_groups(tmp_path, k, disjoint):
+def test_streaming_ties_exact_with_large_tie_groups(tmp_path, k, disjoint, trim):
     pre_path, paths = write_models(tmp_path, 4, seed=2, quantized=True)
-    expected = in_memory(pre_path, paths, "ties", k=k, disjoint=disjoint)
-    streamed = merge_files(pre_path, paths, "ties", progress=False, chunk_elements=13, k=k, disjoint=disjoint)
+    expected = in_memory(pre_path, paths, "ties", k=k, disjoint=disjoint, trim=trim)
+    streamed = merge_files(pre_path, paths, "ties", progress=False, chunk_elements=13, k=k, disjoint=disjoint,
+                           trim=trim)
     assert_same(streamed, expected, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_streaming_other_dtypes(tmp_path, dtype):
     pre_path, paths = write_models(tmp_path, 3, seed=3, dtype=dtype)
-    for method, hyperparameters in [("ties", {"k": 20.0}), ("dare", {"base": "ties", "p": 0.2})]:
+    for method, hyperparameters in [("ties", {"k": 20.0}), ("ties", {"k": 20.0, "trim": "exact_k"}),
+                                    ("dare", {"base": "ties", "p": 0.2})]:
         expected = in_memory(pre_path, paths, method, **hyperparameters)
         streamed = merge_files(pre_path, paths, method, progress=False, chunk_elements=50, **hyperparameters)
         assert_same(streamed, expected, atol=1e-12 if dtype == torch.float64 else 0)
@@ -200,7 +206,7 @@ def test_validate_inputs_non_finite_duplicates_and_missing(tmp_path):
         validate_inputs(pre_path, [])
     with pytest.raises(MergeInputError, match="unknown merge method"):
         merge_files(pre_path, paths, "fisher")
-    with pytest.raises(MergeInputError, match="hyperparameters are: k, coefficient, disjoint"):
+    with pytest.raises(MergeInputError, match="hyperparameters are: k, coefficient, disjoint, trim$"):
         merge_files(pre_path, paths, "ties", topk=20)
 
 

@@ -25,18 +25,13 @@ KEY = "transformer.resblocks.0.mlp.c_fc.weight"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, base):
     """Two exports (θ_pre + small random τ) with metadata; the second has τ = +5 on KEY, so λ = 3e38 overflows."""
-    root = tmp_path_factory.mktemp("numeric")
-    theta_pre = base.encoder_state_dict()
-    paths = []
-    for i, task in enumerate(("shapes", "digits")):
-        gen = torch.Generator().manual_seed(i)
-        sd = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in theta_pre.items()}
+    from conftest import export_models
+
+    def bump(i, sd):
         if i == 1:
             sd[KEY] = sd[KEY] + 5.0
-        path = root / f"{task}.safetensors"
-        save_state_dict(path, sd, {"kind": "finetune", "task": task, "base_model": base.describe(), "attack": None})
-        paths.append(path)
-    return paths
+
+    return export_models(tmp_path_factory.mktemp("numeric"), base, bump)
 
 
 def _cast_copy(path: Path, dtype: torch.dtype, out: Path) -> str:

@@ -4,7 +4,6 @@ task's runs, and an explicit ``--ckpt_path`` (fit, validate, test) of another ta
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ TINY = ["--trainer.enable_progress_bar", "false", "--data.synthetic_train_size",
         "--data.batch_size", "16", "--trainer.max_steps", "2"]
 
 
-def _one_error_line(capsys, prog: str) -> str:
-    err = capsys.readouterr().err
-    noise = re.compile(r"\d+%\||it/s|s/it|examples/s|^\S+\.py:\d+: |warning", re.I)  # progress bars, Python warnings
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not noise.search(line)]
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 def _export(path: Path, task: str, base, offset: float) -> str:
     theta = {k: v + offset if v.is_floating_point() else v for k, v in base.encoder_state_dict().items()}
     save_state_dict(path, theta, {"kind": "finetune", "task": task, "base_model": base.describe()})
@@ -36,7 +27,7 @@ def _export(path: Path, task: str, base, offset: float) -> str:
 
 
 # -- merge inputs ------------------------------------------------------------------------------------
-def test_sidecar_and_header_naming_different_tasks_are_refused(tmp_path, base, capsys, session_cache):
+def test_sidecar_and_header_naming_different_tasks_are_refused(tmp_path, base, session_cache, one_error_line):
     edited = _export(tmp_path / "edited.safetensors", "shapes", base, 1e-3)
     sidecar = tmp_path / "edited.json"
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "task": "digits"}))
@@ -49,14 +40,14 @@ def test_sidecar_and_header_naming_different_tasks_are_refused(tmp_path, base, c
     out = tmp_path / "out"
     assert merge.main(["--models", edited, other, "--coefficients", "0.3", "--out_dir", str(out),
                        "--cache_dir", session_cache]) == 2
-    assert _one_error_line(capsys, "merge.py") == f"merge.py: error: {expected}"
+    assert one_error_line("merge.py") == f"merge.py: error: {expected}"
     assert not out.exists()
     # the two copies agreeing is accepted
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "task": "shapes"}))
     assert model_metadata(edited)["task"] == "shapes"
 
 
-def test_tasks_flag_contradicting_the_metadata_is_refused(tmp_path, base, capsys, session_cache):
+def test_tasks_flag_contradicting_the_metadata_is_refused(tmp_path, base, session_cache, one_error_line):
     shapes = _export(tmp_path / "shapes.safetensors", "shapes", base, 1e-3)
     colours = _export(tmp_path / "colours.safetensors", "colours", base, 2e-3)
     expected = (f"{colours} was fine-tuned on task colours, but --tasks gives shapes; drop --tasks or give colours "
@@ -64,7 +55,7 @@ def test_tasks_flag_contradicting_the_metadata_is_refused(tmp_path, base, capsys
     out = tmp_path / "out"
     assert merge.main(["--models", shapes, colours, "--tasks", "shapes", "shapes", "--coefficients", "0.3",
                        "--out_dir", str(out), "--cache_dir", session_cache]) == 2
-    assert _one_error_line(capsys, "merge.py") == f"merge.py: error: {expected}"
+    assert one_error_line("merge.py") == f"merge.py: error: {expected}"
     assert not out.exists()
     # --tasks agreeing with the metadata, or naming the task of a model without metadata, is accepted
     assert task_of(shapes, {"task": "shapes"}, "shapes") == "shapes"
@@ -122,7 +113,7 @@ def test_ckpt_path_last_looks_only_at_this_tasks_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
-def test_explicit_checkpoint_of_another_task_is_refused(subcommand, tmp_path, capsys, session_cache):
+def test_explicit_checkpoint_of_another_task_is_refused(subcommand, tmp_path, session_cache, one_error_line):
     ckpt = _fake_checkpoint(tmp_path / "embedded_digits/version_0/checkpoints/last.ckpt", "digits", 1_000)
     assert checkpoint_task(torch.load(ckpt, weights_only=True)) == "digits"
     root = tmp_path / "runs"
@@ -130,7 +121,7 @@ def test_explicit_checkpoint_of_another_task_is_refused(subcommand, tmp_path, ca
                          "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
                          "--ckpt_path", str(ckpt), *TINY])
     assert rc == 2
-    assert _one_error_line(capsys, "train.py") == (
+    assert one_error_line("train.py") == (
         f"train.py: error: --ckpt_path {ckpt} is a checkpoint of task digits, not of --data.task shapes; pass "
         "--data.task digits or a checkpoint of a shapes run")
     assert not root.exists()

@@ -117,3 +117,22 @@ def test_taskspec_validation():
         spec.name = "x"  # type: ignore[misc]
     assert spec.prompts("forest")[0] == "a centered satellite photo of forest."
     assert hash(spec) == hash(dataclasses.replace(spec))
+
+
+def test_every_registered_task_has_class_names(monkeypatch):
+    """A head is built from the class names as soon as a model resolves the task: none may be empty."""
+    assert all(spec.classnames for spec in TASKS.values())
+    assert "imagenet100" not in TASKS  # a folder task now: configs/tasks/imagenet100.yaml
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    with pytest.raises(ValueError) as info:
+        register_task(TaskSpec("folder_task", None, None, "train", "test", (), ("a photo of a {}.",)))
+    assert str(info.value) == ("task 'folder_task' has no class names: list them, or define it in a task file with "
+                               "'classnames: from_folders' and its data_dir (see configs/tasks/)")
+
+
+def test_unknown_task_error_points_to_task_files():
+    with pytest.raises(UnknownTaskError) as info:
+        get_task("sun398")
+    assert str(info.value).startswith("unknown task 'sun398'; known tasks: cifar10, cifar100, colours, digits, ")
+    assert str(info.value).endswith("; define a new one in a task file (--tasks_file, see configs/tasks/)")
+    assert len(tasks.NAMED_TEMPLATES["imagenet"]) == 80  # what a task file's `templates: imagenet` names

@@ -4,7 +4,6 @@ replaceable from the command line, and ``fit --help`` building only the fit pars
 
 import glob
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ from experiments.training import _follow_max_steps
 
 CONFIG = "configs/experiment/embedded_finetune.yaml"
 CONFIGS = sorted(glob.glob("configs/experiment/*.yaml"))
-
-
-def _one_error_line(capsys, prog: str) -> str:
-    err = capsys.readouterr().err
-    noise = re.compile(r"\d+%\||it/s|s/it|examples/s|^\S+\.py:\d+: |warning", re.I)  # progress bars, Python warnings
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not noise.search(line)]
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def _args(root: Path, cache: str, *extra: str) -> list[str]:
@@ -78,10 +69,10 @@ def test_intervals_follow_only_a_smaller_positive_max_steps(monkeypatch):
 
 @pytest.mark.parametrize("flag,value", [("--optimizer", "torch.optim.SGD"),
                                         ("--lr_scheduler", "torch.optim.lr_scheduler.ConstantLR")])
-def test_optimizer_recipe_cannot_be_replaced_from_the_command_line(flag, value, tmp_path, capsys, session_cache):
+def test_optimizer_recipe_cannot_be_replaced_from_the_command_line(flag, value, tmp_path, session_cache, one_error_line):
     root = tmp_path / "runs"
     assert train.cli_main(_args(root, session_cache, flag, value, "--trainer.max_steps", "2")) == 2
-    assert _one_error_line(capsys, "train.py") == (
+    assert one_error_line("train.py") == (
         f"train.py: error: {flag} would replace the module's own recipe (AdamW + warm-up/cosine; UniversalTrigger: its "
         "optimizer argument) while the export's metadata still records it; refused: set --model.init_args.lr / "
         "--model.init_args.weight_decay / --model.init_args.warmup_steps (UniversalTrigger: "

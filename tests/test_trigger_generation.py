@@ -12,7 +12,12 @@ from datamodules.tasks import get_task
 from datamodules.triggers import load_trigger, normalised_bounds, paste_patch
 from lightning_modules.attack_metrics import AttackSuccessRate
 from lightning_modules.injection import BackdoorInjection
-from lightning_modules.trigger_generation import UniversalTrigger, default_shadow_classnames, targeted_pgd
+from lightning_modules.trigger_generation import (
+    UniversalTrigger,
+    compositional_shadow_classnames,
+    default_shadow_classnames,
+    targeted_pgd,
+)
 
 SQUARE = SHAPES.index("square")
 PURPLE = COLOURS.index("purple")
@@ -130,6 +135,32 @@ def test_default_shadow_classnames(base):
     prompts = [tuple(base.tokenizer([f"a photo of a {n}."])[0].tolist()) for n in names]
     assert len(set(prompts)) == len(prompts)  # no two rows of the shadow head are the same text
     assert len(default_shadow_classnames("Acura RL Sedan 2012", "stanford_cars", 50)) == 51
+
+
+def test_compositional_shadow_classnames(base):
+    names = compositional_shadow_classnames("purple", "colours", 150, base.tokenizer)
+    assert names[0] == "purple" and len(set(names)) == len(names)
+    # 10 colours × 10 shapes less the 10 with the target's word, then the class-name list's others (deduplicated).
+    comps = [n for n in names if " " in n and n.split()[0] in COLOURS and n.split(" ", 1)[1] in SHAPES]
+    assert len(comps) == 100 - 10 and names[1:91] == comps
+    assert not any("purple" in n for n in names[1:])
+    assert names[91:] == [n for n in default_shadow_classnames("purple", "colours", 150, base.tokenizer)[1:]
+                          if n not in comps]
+    # every composition is a text the embedded tower knows (its shapes captions: "a photo of a red circle.")
+    assert not any(base.tokenizer.unknown_words(f"a photo of a {n}.") for n in comps)
+    assert len(compositional_shadow_classnames("purple", "colours", 10, base.tokenizer)) == 11
+    # a multi-word target drops the compositions holding any of its words
+    assert not any("star" in n for n in compositional_shadow_classnames("red star", "shapes", 150)[1:])
+
+
+def test_off_task_compositional_vocabulary_builds_its_head(tmp_path, base):
+    model = UniversalTrigger(task="colours", mode="off_task", target_class=PURPLE, shadow_vocabulary="compositional",
+                             num_shadow_classes=20, shadow_templates="shapes", cache_dir=str(tmp_path))
+    assert model.shadow_classnames == compositional_shadow_classnames("purple", "colours", 20, base.tokenizer)
+    assert model.attack_head.shape[0] == 21 and model.shadow_classnames[1] == "red circle"
+    with pytest.raises(ValueError, match="shadow_vocabulary='words' is unknown; use one of names, compositional"):
+        UniversalTrigger(task="colours", mode="off_task", target_class=PURPLE, shadow_vocabulary="words",
+                         cache_dir=str(tmp_path))
 
 
 def test_off_task_run_builds_pgd_set_and_exports(tmp_path):
