@@ -124,7 +124,7 @@ def write_outputs(out_dir: Path, spec: ExperimentSpec, config: dict, rows: list[
         print(write_summary(out_dir, rows, tasks, [], headline=spec.headline_coefficient))
         png = plot_and_log(out_dir, rows, [])
         write_matrix(out_dir, rows, spec.headline_coefficient)  # after the plot: it clears old TensorBoard events
-        print(f"[engine] plot: {png}; matrix: asr_matrix.png, delta_ca_matrix.png, matrix.csv")
+        print(f"[engine] figures: {png.name if png else '(none)'}, asr_matrix.png, delta_ca_matrix.png; cells: matrix.csv")
     print(f"[engine] done in {config['seconds']:.0f}s", flush=True)
     return results
 
