@@ -40,7 +40,7 @@ from merging.task_vectors import narrowest_float, task_vector
 from modeling.clip import EMBEDDED_MODEL, BaseModel, load_base_model
 from modeling.version import code_version
 
-__all__ = ["ENGINES", "DefenseLike", "DefenseSetting", "EvalCache", "MergeEvalRequest", "MergeEvalResult", "PlanEntry",
+__all__ = ["ENGINES", "check_defense_report", "DefenseLike", "DefenseSetting", "EvalCache", "MergeEvalRequest", "MergeEvalResult", "PlanEntry",
            "check_merged_finite", "evaluate_merges", "hyperparameters_at", "validate_plan_entry",
            "validate_request", "weights_dtype"]
 
@@ -265,6 +265,14 @@ def _validate_defenses(settings: Sequence[DefenseSetting], dtype: torch.dtype) -
         _validate_defense(s, dtype)
 
 
+def check_defense_report(report: str, select: str | None, report_name: str = "report", select_name: str = "select") -> None:
+    """``report`` is ``all`` (every strength on the report split) or ``selected`` (the one ``select: val`` marks)."""
+    if report not in ("all", "selected"):
+        raise MergeInputError(f"{report_name}={report!r}; use all (every strength on test) or selected")
+    if report == "selected" and select != "val":
+        raise MergeInputError(f"{report_name}: selected needs {select_name}: val (no strength is selected otherwise)")
+
+
 def _validate_defense(setting: DefenseSetting, dtype: torch.dtype) -> None:
     if not isinstance(setting.strengths, (list, tuple)):
         raise MergeInputError(f"{setting.where('strengths')}={setting.strengths!r} must be a list of numbers")
@@ -275,11 +283,7 @@ def _validate_defense(setting: DefenseSetting, dtype: torch.dtype) -> None:
         check_finite(setting.where("strengths"), "strength", strength, dtype)
     if setting.select not in (None, "val"):
         raise MergeInputError(f"{setting.where('select')} must be 'val' or null, got {setting.select!r}")
-    if setting.report not in ("all", "selected"):
-        raise MergeInputError(f"{setting.where('report')} must be 'all' or 'selected', got {setting.report!r}")
-    if setting.report == "selected" and setting.select != "val":
-        raise MergeInputError(f"{setting.where('report')}=selected needs {setting.where('select')}=val: without a "
-                              "selection rule no strength is selected; set select: val or report: all")
+    check_defense_report(setting.report, setting.select, setting.where("report"), setting.where("select"))
     drop = setting.max_drop
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
         raise MergeInputError(f"{setting.where('max_drop')}={drop!r} must be a fraction in [0, 1], e.g. 0.02")

@@ -195,15 +195,12 @@ def parse_spec(data: dict, where: str) -> ExperimentSpec:
 
 def load_tasks_files(spec: ExperimentSpec, where: str) -> None:
     """Register the tasks of the spec's task files (and export them to workers) before its tasks are checked."""
-    if not spec.tasks_files:
-        return
-    from datamodules.task_files import TaskFileError, load_tasks_file
+    from experiments.cli import load_tasks_files as load  # the entry points' --tasks_file loader
 
-    for path in spec.tasks_files:
-        try:
-            load_tasks_file(path)
-        except TaskFileError as e:
-            raise SpecError(f"{where}: tasks_files: {e}") from None
+    try:
+        load(spec.tasks_files)
+    except ValueError as e:
+        raise SpecError(f"{where}: tasks_files: {e}") from None
 
 
 def _as_spec(ns) -> ExperimentSpec:
@@ -293,6 +290,7 @@ def _check_attacks(spec: ExperimentSpec, where: str, trainings: dict[str, Traini
 
 def _check_defenses(spec: ExperimentSpec, where: str, trainings: dict[str, Training]) -> None:
     from defenses import resolve_defense
+    from evaluation.merge_eval import check_defense_report
 
     for d in spec.defenses:
         w = f"{where}: defense {d.name}"
@@ -302,10 +300,10 @@ def _check_defenses(spec: ExperimentSpec, where: str, trainings: dict[str, Train
                 raise SpecError(f"{w}: input {arg} refers to {ref!r}, which is not a training of the spec")
         if not d.strengths:
             raise SpecError(f"{w}: strengths is empty; list the strengths to evaluate")
-        if d.report not in ("all", "selected"):
-            raise SpecError(f"{w}: report={d.report!r}; use all (every strength on test) or selected")
-        if d.report == "selected" and d.select != "val":
-            raise SpecError(f"{w}: report: selected needs select: val (no strength is selected otherwise)")
+        try:
+            check_defense_report(d.report, d.select)  # the evaluation API's rule, before any training
+        except ValueError as e:
+            raise SpecError(f"{w}: {e}") from None
 
 
 def _vector_attack(v: VectorAttack):
