@@ -128,4 +128,9 @@ def test_main_job_bench_ratios_against_its_floors(tmp_path):
     ev = a["stages"]["evaluate/test"]
     assert ev["images"] == 8000 and ev["count"] == 3 and ev["ratio"] == pytest.approx(4.0 / (8000 * f))
     assert a["stages"]["merge/ties"]["ratio"] is None
+    # A warm rerun's results.json: --include_cached counts the cached node with its computing run's seconds, no wall.
+    assert main_job_bench.main([str(results), "--repeats", "1", "--include_cached", "--out", str(tmp_path / "warm")]) == 0
+    warm = json.loads((tmp_path / "warm" / "main_job_bench.json").read_text())["analysis"]
+    assert warm["node_seconds_sum"] == 12 + 5 + 99 + 8 + 4 and warm["wall_s"] is None
+    assert "train:digits" in [t["node"] for t in warm["trainings"]]
     assert "| evaluate/test | 4.0 | 3 | 8000 |" in (tmp_path / "out" / "main_job_bench.md").read_text()
