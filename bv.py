@@ -6,6 +6,8 @@
     python bv.py sbv --config ... --array_index $SLURM_ARRAY_TASK_ID    # SLURM array: one run per task
     python bv.py sbv --config ... --build_only true                     # then combine (after the array)
     python bv.py analyze --config configs/bv/embedded_analysis.yaml --print_config   # the settings as YAML
+    python bv.py variants --out_dir outputs/ibvs_variants               # IBVS variants on every attack and merge
+    python bv.py detect --config configs/bv/embedded_detect.yaml        # score incoming models before merging
 
 A backdoored run trains ``base_config`` (the injection recipe) + its own configs and args at its ``seed``; its
 clean reference trains ``base_config`` + ``clean_config`` (FineTune instead of BackdoorInjection) at the same
@@ -18,6 +20,13 @@ matrix, per-block matrices, transfer matrix with counts, scaling curves, finding
 ``transfer.csv``, PNGs ``bv_cosine``, ``bv_cosine_blocks``, ``bv_transfer``, ``bv_scaling`` and TensorBoard
 figures (``<out_dir>/tensorboard``, tags ``bv/...``; scalars ``bv/scaling/<run>/asr``).
 **sbv** exports θ_clean + scale·SBV per ``outputs`` entry to ``<out_dir>/<name>.safetensors``.
+**variants** runs ``--spec`` (configs/experiments/ibvs_variants.yaml: IBVS configurations as the spec's defenses) on
+the engine, as pipeline.py would (its outputs in ``<out_dir>``), then writes ``ibvs_tradeoff.csv`` (ASR / CA of every
+attack × merge × variant × α), ``ibvs_tradeoff.png`` (the curves at TA λ headline, the selected α starred) and
+``ibvs_variants.md`` (the operating points the clean-val rule picks). **detect** scores ``detect_models`` with the
+defender's own BVs (merging.detection: per-block cosine of each task vector with BV_inj), writes ``detection.json``
+/ ``detection.csv`` with the ROC AUC for the given labels (used for the AUC only) and merges every ``detect_merges``
+group as given and with its flagged models dropped (modified z-score > ``--detect_threshold`` within the group).
 
 Bad input stops before any training with exit status 2 and one line ``bv.py: error: ...``.
 """
@@ -30,11 +39,12 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from experiments.bv import BASE_CONFIG, CLEAN_CONFIG, BVInputError, analyze, sbv  # noqa: F401
+from experiments.bv import BASE_CONFIG, CLEAN_CONFIG, BVInputError, analyze, detect, sbv, variants  # noqa: F401
 from experiments.cli import (DEVICE_HELP, add_tasks_file_argument, check_config_files, load_tasks_files, resolve_device,
                              run_cli, take_tasks_files)
 
 PROG = "bv.py"
+COMMANDS = {"analyze": analyze, "sbv": sbv, "variants": variants, "detect": detect}
 
 
 def build_parser() -> ArgumentParser:
@@ -42,8 +52,9 @@ def build_parser() -> ArgumentParser:
 
     from modeling.clip import EMBEDDED_MODEL
 
-    p = ArgumentParser(prog=PROG, description="Backdoor Vectors: analysis and Sparse Backdoor Vectors.", exit_on_error=False)
-    p.add_argument("command", choices=["analyze", "sbv"])
+    p = ArgumentParser(prog=PROG, description="Backdoor Vectors: analysis, Sparse Backdoor Vectors, IBVS variants and "
+                       "detection.", exit_on_error=False)
+    p.add_argument("command", choices=list(COMMANDS))
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these settings (configs/bv/)")
     add_tasks_file_argument(p)
     p.add_argument("--out_dir", type=str, default="outputs/bv")
@@ -68,6 +79,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--trigger_from", type=str | None, default=None, help="variant whose trigger the exports carry")
     p.add_argument("--array_index", type=int | None, default=None, help="train only run i (clean reference first)")
     p.add_argument("--build_only", type=bool, default=False, help="build the SBVs from trained runs only")
+    # variants
+    p.add_argument("--spec", type=str, default="configs/experiments/ibvs_variants.yaml",
+                   help="variants: the experiment spec whose defenses are compared")
+    p.add_argument("--quick", type=bool, default=False, help="variants: the spec's reduced run (few steps, small data)")
+    p.add_argument("--methods", type=str, default="all", help="variants: all plan entries, or ta (the scenarios' own)")
+    # detect
+    p.add_argument("--defender", type=dict | None, default=None,
+                   help="detect: the defender's own pair(s) {clean: <encoder>, backdoored: <encoder or list>}")
+    p.add_argument("--detect_models", type=list[dict], default=[],
+                   help="detect: [{path, backdoored}] to score (backdoored: for the AUC only; default from metadata)")
+    p.add_argument("--detect_merges", type=list[dict], default=[],
+                   help="detect: [{name, models: [paths]}] merged as given and with flagged models dropped")
+    p.add_argument("--detect_plan", type=list[dict], default=[{"method": "task_arithmetic", "coefficients": [0.3]}],
+                   help="detect: the merge plan of every group (merge.py --plan entries)")
+    p.add_argument("--detect_aggregate", type=str, default="mean", help="detect: score = mean | max over blocks, or whole")
+    p.add_argument("--detect_project_out", type=bool, default=True,
+                   help="detect: project the defender's clean task vector out of each task vector and BV first")
+    p.add_argument("--detect_threshold", type=float, default=3.5, help="detect: modified z-score above which a model is flagged")
     # evaluation
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help=DEVICE_HELP)
@@ -91,7 +120,8 @@ def _check_gpu_ids(devices: list[int]) -> None:
 
 
 def main(argv=None, *, state: dict | None = None):
-    """Run the command; returns bv_analysis.json's path (analyze) or the exported SBV paths (sbv).
+    """Run the command; returns bv_analysis.json's path (analyze), the exported SBV paths (sbv), ibvs_variants.md's
+    path (variants) or detection.json's (detect).
     Bad input raises a ``ValueError`` (``BVInputError``, ...); ``cli_main`` turns it into one line and exit 2."""
     argv, files = take_tasks_files(sys.argv[1:] if argv is None else argv, error=BVInputError)
     check_config_files(argv, shipped="configs/bv/", error=BVInputError)
@@ -108,7 +138,7 @@ def main(argv=None, *, state: dict | None = None):
         raise BVInputError(f"--array_index {cfg.array_index} must be ≥ 0")
     config = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
     t0 = time.time()
-    result = analyze(cfg, config) if cfg.command == "analyze" else sbv(cfg, config)
+    result = COMMANDS[cfg.command](cfg, config)
     print(f"[bv] done in {time.time() - t0:.0f}s", flush=True)
     if isinstance(result, Path):
         print(result)

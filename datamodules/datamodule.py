@@ -45,8 +45,13 @@ def model_config(model_name: str) -> dict:
     return cfg
 
 
-def clip_transform(model_name: str):
-    """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``."""
+TRAIN_TRANSFORMS = ("eval", "open_clip")
+
+
+def clip_transform(model_name: str, train: bool = False):
+    """open_clip's eval transform (resize, centre crop, to tensor, CLIP normalisation) for ``model_name``, or with
+    ``train`` its train transform (RandomResizedCrop scale 0.9–1, bicubic, to tensor, normalisation: what
+    ``open_clip.create_model_and_transforms`` returns as ``preprocess_train`` and the reference code trains with)."""
     cfg = model_config(model_name)
     vcfg, pcfg = cfg["vision_cfg"], cfg.get("preprocess_cfg", {})
     size = vcfg["image_size"]
@@ -54,7 +59,7 @@ def clip_transform(model_name: str):
     # the same statistics open_clip gives the model (model.visual.image_mean/std), so triggers and data agree
     mean = pcfg.get("mean") or vcfg.get("image_mean") or open_clip.OPENAI_DATASET_MEAN
     std = pcfg.get("std") or vcfg.get("image_std") or open_clip.OPENAI_DATASET_STD
-    return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+    return open_clip.image_transform(size, is_train=train, mean=mean, std=std)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -71,6 +76,11 @@ class TaskDataModule(L.LightningDataModule):
         decode_cache: keep each split decoded once as uint8 under ``cache_dir/decoded`` and read it
             back memory-mapped (``datamodules.decoded``): the same tensors, without per-step PNG
             decoding and PIL transforms. Only for deterministic transforms; ``False`` reads the dataset.
+        train_transform: the train split's transform: ``eval`` (the eval transform, the embedded recipe's)
+            or ``open_clip`` (open_clip's train transform, a fresh random resized crop per draw: the paper
+            recipe's, for fine-tuning, injection and stage 1). Val and test always use the eval transform.
+            With ``open_clip`` the train split is read undecoded, and a run resumed mid-epoch sees the same
+            images in the same order but draws new crops.
     """
 
     def __init__(
@@ -89,11 +99,15 @@ class TaskDataModule(L.LightningDataModule):
         max_val: int = 5000,
         seed: int = 0,
         decode_cache: bool = True,
+        train_transform: str = "eval",
     ):
         super().__init__()
+        if train_transform not in TRAIN_TRANSFORMS:
+            raise ValueError(f"train_transform={train_transform!r} is unknown; use one of {', '.join(TRAIN_TRANSFORMS)}")
         self.save_hyperparameters()
         self.spec = get_task(task)
         self.transform = clip_transform(model_name)
+        self.train_transform = clip_transform(model_name, train=True) if train_transform == "open_clip" else self.transform
         self.splits: dict[str, ImageClassificationDataset] = {}
 
     def _source_dir(self) -> str | None:
@@ -110,12 +124,13 @@ class TaskDataModule(L.LightningDataModule):
         if self.splits:
             return
         raw = load_task_splits(self.spec, self._source_dir(), val_fraction=self.hparams.val_fraction, max_val=self.hparams.max_val)
-        self.splits = {k: ImageClassificationDataset(v, self.transform) for k, v in raw.items()}
+        self.splits = {k: ImageClassificationDataset(v, self.train_transform if k == "train" else self.transform)
+                       for k, v in raw.items()}
         self._decoded: dict = {}
 
     def dataset(self, split: str):
-        """The split as the loaders read it: decoded once (``decode_cache``) or the plain dataset."""
-        if not (self.hparams.decode_cache and decodable(self.transform)):
+        """The split as the loaders read it: decoded once (``decode_cache``) or the plain dataset (random transforms)."""
+        if not (self.hparams.decode_cache and decodable(self.splits[split].transform)):
             return self.splits[split]
         if split not in self._decoded:  # per split, on first use: evaluation never decodes train
             self._decoded[split] = decoded_dataset(self.splits[split], self.hparams.cache_dir,

@@ -46,6 +46,7 @@ from datamodules.tasks import TaskSpec, get_task
 
 __all__ = [
     "DatasetError",
+    "check_task_source",
     "load_task_splits",
     "load_raw_splits",
     "resolve_classnames",
@@ -267,6 +268,61 @@ def load_raw_splits(
         f"no dataset found in {str(path)!r} for task {spec.name!r}: expected a save_to_disk directory, "
         "hub-format parquet files under data/, or images as <split>/<class>/*.png"
     )
+
+
+def _first_file(path: Path, suffixes: set[str]) -> bool:
+    """Whether ``path`` holds a file with one of ``suffixes`` (stops at the first: a large folder is not walked)."""
+    return next((True for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()), False)
+
+
+def _split_folder(path: Path, split: str) -> Path | None:
+    """The folder of ``split`` in an imagefolder (``val`` for ``validation``, as ``datasets`` names them)."""
+    for name in (split, *next((v for v in _SPLIT_KEYWORDS.values() if split in v), ())):
+        if (path / name).is_dir():
+            return path / name
+    return None
+
+
+def check_task_source(spec: TaskSpec | str, data_dir: str | Path | None = None, *, cache_dir: str | None = None,
+                      local: str = "a local copy") -> str:
+    """Where ``load_raw_splits`` would read the task from, checked without reading the data; a short description.
+
+    Local data (``data_dir``, else the task's own): the directory exists and is a save_to_disk folder, hub-format
+    data files, or an imagefolder with a ``<train_split>`` and a ``<test_split>`` folder of images. Hub data:
+    ``datasets.load_dataset_builder`` resolves the id (the network, or the local cache when offline). Anything
+    else is a one-line :class:`DatasetError` naming the task, its source and how to provide it (``local``: where
+    the caller takes a local folder, e.g. a setting's name).
+    """
+    spec = get_task(spec) if isinstance(spec, str) else spec
+    data_dir = spec.data_dir if data_dir is None else data_dir
+    layouts = ("<dir>/{train,test}/<class>/<image> (an imagefolder), a DatasetDict.save_to_disk folder, "
+               "or hub parquet files under <dir>/data/")
+    if data_dir is None:
+        if spec.hub_id is None:
+            raise DatasetError(f"task {spec.name!r} has no hub id and no local data: give {local}, {layouts}")
+        source = f"hub dataset {spec.hub_id}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+        try:
+            datasets.load_dataset_builder(spec.hub_id, spec.hub_config, cache_dir=cache_dir)
+        except Exception as exc:  # offline and not cached, no network, unknown id
+            raise DatasetError(
+                f"task {spec.name!r}: {source} is not available ({_one_line(exc)}); run once with network access "
+                f"to download it (HF_DATASETS_OFFLINE unset), or give {local}: {layouts}"
+            ) from None
+        return source
+    path = _existing_data_dir(data_dir, spec)
+    if (path / "dataset_dict.json").is_file() or _is_saved_dataset(path) or any(
+            p.is_dir() and _is_saved_dataset(p) for p in path.iterdir()):
+        return f"saved dataset {str(path)!r}"
+    if _readme_declares_configs(path) or _first_file(path, DATA_FILE_SUFFIXES):
+        return f"hub-format directory {str(path)!r}"
+    missing = [s for s in (spec.train_split, spec.test_split)
+               if (folder := _split_folder(path, s)) is None or not _first_file(folder, IMAGE_SUFFIXES)]
+    if missing:
+        raise DatasetError(
+            f"no {' or '.join(repr(m) for m in missing)} split of task {spec.name!r} in {str(path)!r}: expected "
+            f"{layouts.replace('<dir>', str(path))}"
+        )
+    return f"imagefolder {str(path)!r}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from merging.io import MergeInputError, load_state_dict, read_header_metadata, save_state_dict
 
 __all__ = [
+    "CLAMPS",
     "KINDS",
     "trigger_from_attack",
     "LOCATIONS",
@@ -41,14 +42,18 @@ __all__ = [
     "load_trigger",
     "normalised_bounds",
     "paste_patch",
+    "patch_bounds",
     "patch_mask",
     "patch_origin",
     "png_path",
+    "resolve_shadow_templates",
     "save_trigger",
+    "shadow_head_digest",
     "unnormalise",
 ]
 
 KINDS = ("patch", "blend")
+CLAMPS = ("per_channel", "global")
 LOCATIONS = ("bottom_right", "top_left", "top_right", "bottom_left", "center")
 
 
@@ -184,11 +189,24 @@ def normalised_bounds(mean: Sequence[float], std: Sequence[float]) -> tuple[torc
     return (0 - mean_t) / std_t, (1 - mean_t) / std_t
 
 
+def patch_bounds(mean: Sequence[float], std: Sequence[float], clamp: str = "per_channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) that an optimised patch is clamped to (``clamp_patch``).
+
+    ``per_channel``: ``normalised_bounds``, each (3,). ``global`` (the BadMerging code's ``patch_attack``):
+    one envelope for every channel, lo = min_c (0 − mean_c)/std_c, hi = max_c (1 − mean_c)/std_c, 0-dim
+    (≈ [−1.792, 2.146] for CLIP's statistics), so a channel may leave its own pixel range.
+    """
+    if clamp not in CLAMPS:
+        raise TriggerError(f"clamp={clamp!r} is unknown; use one of {', '.join(CLAMPS)}")
+    lo, hi = normalised_bounds(mean, std)
+    return (lo, hi) if clamp == "per_channel" else (lo.min(), hi.max())
+
+
 def clamp_patch(patch: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
     """Clamp a trigger (C, H, W) to [lo_c, hi_c] per channel (lo, hi of shape (C,) or scalars).
 
     Per channel keeps every value a real pixel. The BadMerging code clamps to the scalar envelope
-    [min_c lo_c, max_c hi_c] (≈ [−1.792, 2.146] for CLIP stats); pass ``lo.min(), hi.max()`` for that.
+    [min_c lo_c, max_c hi_c] (≈ [−1.792, 2.146] for CLIP stats): ``patch_bounds(mean, std, "global")``.
     """
     lo_t = torch.as_tensor(lo, dtype=patch.dtype, device=patch.device)
     hi_t = torch.as_tensor(hi, dtype=patch.dtype, device=patch.device)
@@ -277,6 +295,29 @@ def _channel_stats(name: str, values: Any) -> tuple[float, float, float]:
         raise TriggerError(f"attack metadata {name}={values!r} must be three finite numbers (one per RGB channel); "
                            "export the model with BackdoorInjection")
     return numbers
+
+
+# -- shadow heads (off-task) ---------------------------------------------------------------------------
+
+def resolve_shadow_templates(name: str) -> tuple[str, ...]:
+    """The prompt templates a shadow head is built with: a named list (``imagenet``: its 80) or a registered task's."""
+    from datamodules.tasks import NAMED_TEMPLATES, UnknownTaskError, get_task
+
+    if isinstance(name, str) and name in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[name]
+    try:
+        return get_task(name).templates
+    except UnknownTaskError:
+        raise ValueError(f"shadow_templates={name!r} is neither a template list ({', '.join(NAMED_TEMPLATES)}) nor a "
+                         "registered task; name one of them (e.g. imagenet, as the paper)") from None
+
+
+def shadow_head_digest(classnames: Sequence[str], templates: Sequence[str]) -> str:
+    """sha256 of the JSON ``[classnames, templates]``: what a shadow head is built from (with the base model)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([list(classnames), list(templates)]).encode()).hexdigest()
 
 
 # -- files -----------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Defenses applied to merged weights: a small protocol and a registry (by name or by import path).
 
 A defense gets only paths of the models it needs (``inputs``, e.g. IBVS: the defender's own ``clean`` and
-``backdoored`` fine-tunes, which the experiment engine trains from the spec), prepares itself once per run
-(``prepare``), and maps merged weights to defended ones for a strength s (``apply``; s = 0 leaves them
-unchanged). Its strength is selected on clean val data only (``select_strength``): the largest s whose mean
+``backdoored`` fine-tunes, which the experiment engine trains from the spec; DAM: none), prepares itself once per
+run (``prepare``: it may read the context's θ_pre and clean val data), and maps merged weights to defended ones for
+a strength s (``apply``; what s is, each defense says: IBVS's α, s = 0 leaves the merge unchanged; DAM's safety
+weight w). Its strength is selected on clean val data only (``select_strength``): the largest s whose mean
 val accuracy stays within ``max_drop`` of the undefended merge, else the smallest s.
 """
 

@@ -15,7 +15,9 @@ file instead of a recipe. Trained models are linked as ``<out_dir>/models/<name>
 scaling curves θ_clean + λ·BV through the evaluation API (evaluation.merge_eval.evaluate_merges: the injected
 weights as a model carrying B's export metadata, its individual rows); writes bv_analysis.json, cosine.csv,
 transfer.csv, four PNGs and TensorBoard figures. **sbv** builds θ_clean + scale·SBV per ``outputs`` entry with
-``attacks.build_vector_attack``.
+``attacks.build_vector_attack``. **variants** runs a spec whose defenses are IBVS configurations (the main job's
+engine and cache) and writes their ASR / CA trade-off (``write_variant_outputs``). **detect** scores incoming models
+with the defender's own BVs (merging.detection) and merges without the flagged ones through the evaluation API.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from experiments.graph import Node, RunOptions, training_recipe
 from experiments.spec import Base, ExperimentSpec, Training
 from experiments.sweep import write_text_atomic
 
-__all__ = ["ATTRIBUTES", "BASE_CONFIG", "CLEAN_CONFIG", "BVInputError", "Run", "analyze", "clean_name", "file_input_key",
-           "findings", "paired_nodes", "parse_runs", "run_attributes", "sbv", "train_paired"]
+__all__ = ["ATTRIBUTES", "BASE_CONFIG", "CLEAN_CONFIG", "BVInputError", "Run", "analyze", "clean_name", "detect",
+           "file_input_key", "findings", "paired_nodes", "parse_runs", "run_attributes", "sbv", "tradeoff_points",
+           "train_paired", "variants", "write_variant_outputs"]
 
 BASE_CONFIG = "configs/experiment/embedded_injection.yaml"
 CLEAN_CONFIG = "configs/bv/embedded_clean_reference.yaml"
@@ -394,3 +397,358 @@ def sbv(cfg, config: dict) -> list[Path]:
     write_text_atomic(out_dir / "sbv_config.json", json.dumps({"config": config, "code_version": code_version(),
                                                           "exports": [str(p) for p in built]}, indent=2, default=str))
     return built
+
+
+# ---------------------------------------------------------------------------------------------
+# variants: IBVS configurations on every attack and merge of a spec, their ASR / CA trade-off
+# ---------------------------------------------------------------------------------------------
+TRADEOFF_FIELDS = ("variant", "attack", "merge", "coefficient", "alpha", "selected", "mean_clean_acc", "delta_ca",
+                   "asr", "asr_hits", "asr_total", "clean_to_target")
+VARIANT_OUTPUTS = ("ibvs_tradeoff.csv", "ibvs_tradeoff.png", "ibvs_variants.md")
+
+
+def family_of(variant: str) -> str:
+    """The panel a variant is drawn in: its name up to the first '_' (k2_mean, k10_sum -> k)."""
+    import re
+
+    return re.sub(r"^k\d+$", "k", variant.split("_")[0])
+
+
+def tradeoff_points(rows: list[dict]) -> list[dict]:
+    """Per (defense, attack, merge, λ): the in-merge trigger's ASR and the mean CA at α = 0 (the undefended merge)
+    and at every measured α, with ΔCA against the undefended merge and the α the selection rule picked."""
+    def trigger(r):
+        return isinstance(r.get("attack"), dict) and r["attack"].get("in_merge") and r.get("scenario") != "clean"
+
+    plain = {(r["scenario"], r["merge"], r["coefficient"]): r for r in rows
+             if trigger(r) and (r.get("defense") or "none") == "none"}
+    points = []
+    defended = [r for r in rows if trigger(r) and (r.get("defense") or "none") != "none"]
+    for variant in dict.fromkeys(r["defense"] for r in defended):
+        for key, base in plain.items():
+            mine = sorted((r for r in defended if r["defense"] == variant and (r["scenario"], r["merge"], r["coefficient"]) == key),
+                          key=lambda r: r["defense_alpha"])
+            if not mine:
+                continue
+            for alpha, r in [(0.0, base)] + [(r["defense_alpha"], r) for r in mine]:
+                points.append({"variant": variant, "attack": key[0], "merge": key[1], "coefficient": key[2], "alpha": alpha,
+                               "selected": bool(r.get("defense_selected")) and r is not base,
+                               "mean_clean_acc": r["mean_clean_acc"], "delta_ca": r["mean_clean_acc"] - base["mean_clean_acc"],
+                               "asr": r["asr"], "asr_hits": r.get("asr_hits"), "asr_total": r.get("asr_total"),
+                               "clean_to_target": r.get("clean_to_target")})
+    return points
+
+
+def _headline(points: list[dict], headline: float) -> tuple[str, float | None]:
+    """(merge, λ) of the curves drawn: Task Arithmetic at the headline λ, else the first merge measured."""
+    import math
+
+    for p in points:
+        if p["merge"] == "task_arithmetic" and p["coefficient"] is not None and math.isclose(p["coefficient"], headline):
+            return p["merge"], p["coefficient"]
+    return points[0]["merge"], points[0]["coefficient"]
+
+
+def variants_table(points: list[dict], headline: float) -> str:
+    """Markdown: at the drawn merge, per variant × attack the selected operating point (ASR % / ΔCA points, α); then
+    per variant × attack the mean over every merge method at the selected α."""
+    merge, coef = _headline(points, headline)
+    variants = list(dict.fromkeys(p["variant"] for p in points))
+    attacks = list(dict.fromkeys(p["attack"] for p in points))
+    at = [p for p in points if p["merge"] == merge and p["coefficient"] == coef]
+    lam = "" if coef is None else f" λ {coef:g}"
+    title = (f"IBVS variants at {merge}{lam}, α selected on clean val data only: ASR % / ΔCA (points vs the "
+             "undefended merge) (α)")
+    out = [title, "", "| variant | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    undefended = {p["attack"]: p for p in at if p["alpha"] == 0}
+    out.append("| undefended (ASR % / mean CA %) | " + " | ".join(
+        f"{100 * undefended[a]['asr']:.1f} / {100 * undefended[a]['mean_clean_acc']:.1f}" if a in undefended else ""
+        for a in attacks) + " |")
+
+    def cell(p):
+        return f"{100 * p['asr']:.1f} / {100 * p['delta_ca']:+.1f} ({p['alpha']:g})"
+
+    for v in variants:
+        chosen = {p["attack"]: p for p in at if p["variant"] == v and p["selected"]}
+        out.append(f"| {v} | " + " | ".join(cell(chosen[a]) if a in chosen else "" for a in attacks) + " |")
+    out += ["", "Mean over every merge method, each at its selected α: ASR % / ΔCA (points vs the undefended merge)", "",
+            "| variant | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for v in variants:
+        cells = []
+        for a in attacks:
+            chosen = [p for p in points if p["variant"] == v and p["attack"] == a and p["selected"]]
+            cells.append("" if not chosen else f"{100 * sum(p['asr'] for p in chosen) / len(chosen):.1f} / "
+                         f"{100 * sum(p['delta_ca'] for p in chosen) / len(chosen):+.1f}")
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def tradeoff_figure(points: list[dict], headline: float):
+    """Rows attacks × columns families: mean CA against ASR over α (α = 0 the undefended end), the selected α a
+    star; the family-less reference ``ibvs`` (dashed) in every panel."""
+    from evaluation.figures import plt
+
+    merge, coef = _headline(points, headline)
+    at = [p for p in points if p["merge"] == merge and p["coefficient"] == coef]
+    attacks = list(dict.fromkeys(p["attack"] for p in at))
+    variants = list(dict.fromkeys(p["variant"] for p in at))
+    families = list(dict.fromkeys(family_of(v) for v in variants if family_of(v) != "ibvs")) or ["ibvs"]
+    fig, axes = plt.subplots(len(attacks), len(families), figsize=(3.2 * len(families), 2.8 * len(attacks)),
+                             squeeze=False)
+    for i, attack in enumerate(attacks):
+        for j, family in enumerate(families):
+            ax = axes[i][j]
+            for v in variants:
+                if family_of(v) not in (family, "ibvs"):
+                    continue
+                curve = [p for p in at if p["variant"] == v and p["attack"] == attack]
+                style = "--" if family_of(v) == "ibvs" and family != "ibvs" else "-"
+                line, = ax.plot([100 * p["asr"] for p in curve], [100 * p["mean_clean_acc"] for p in curve], style,
+                                marker="o", markersize=3, label=v)
+                for p in curve:
+                    if p["selected"]:
+                        ax.plot(100 * p["asr"], 100 * p["mean_clean_acc"], "*", markersize=11, color=line.get_color())
+            ax.set_title(f"{attack} · {family}", fontsize=8)
+            ax.set_xlabel("ASR (%)", fontsize=7)
+            ax.set_ylabel("mean CA (%)", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5)
+    lam = "" if coef is None else f" λ {coef:g}"
+    fig.suptitle(f"IBVS variants at {merge}{lam}: ASR / CA over α (★ the α chosen on clean val data)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def write_variant_outputs(out_dir: Path, rows: list[dict], headline: float) -> list[dict]:
+    """ibvs_tradeoff.csv (every point), ibvs_tradeoff.png and ibvs_variants.md into ``out_dir``, as one set."""
+    from evaluation.figures import plt
+    from merging.io import OutputSet
+
+    points = tradeoff_points(rows)
+    if not points:
+        raise BVInputError("the run measured no defended merge of an attack; give the spec attacks and defenses")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=TRADEOFF_FIELDS)
+    w.writeheader()
+    w.writerows(points)
+    with OutputSet(out_dir, VARIANT_OUTPUTS, primary="ibvs_tradeoff.csv", error=BVInputError) as stage:
+        (stage / "ibvs_tradeoff.csv").write_text(buf.getvalue())
+        (stage / "ibvs_variants.md").write_text(variants_table(points, headline))
+        fig = tradeoff_figure(points, headline)
+        fig.savefig(stage / "ibvs_tradeoff.png", dpi=110)
+        plt.close(fig)
+    return points
+
+
+def variants(cfg, config: dict) -> Path:
+    """Run ``--spec`` (default configs/experiments/ibvs_variants.yaml) on the engine (cached), then its trade-off
+    outputs; returns ibvs_variants.md's path."""
+    from experiments.executors import LocalExecutor
+    from experiments.run import run_experiment
+    from experiments.spec import load_spec, restrict
+
+    if cfg.methods not in ("all", "ta"):
+        raise BVInputError(f"--methods={cfg.methods!r}; use all or ta")
+    spec = restrict(load_spec(cfg.spec), ta_only=cfg.methods == "ta")
+    if not spec.attacks or not any(s.defenses for s in spec.scenarios if s.models == "attack"):
+        raise BVInputError(f"--spec {cfg.spec}: no attack scenario with defenses; variants compares defenses on attacks "
+                           "(see configs/experiments/ibvs_variants.yaml)")
+    from experiments.cli import check_output_path
+
+    check_output_path(cfg.out_dir, "--out_dir", is_dir=True, error=BVInputError)
+    options = RunOptions(out_dir=str(cfg.out_dir), cache_dir=cfg.cache_dir, quick=cfg.quick,
+                         progress=options_of(cfg).progress, train_overrides=[str(a) for a in cfg.train_args])
+    results = run_experiment(spec, options, LocalExecutor(cfg.jobs))
+    rows = json.loads(results.read_text())["rows"]
+    write_variant_outputs(Path(cfg.out_dir), rows, spec.headline_coefficient)
+    print((Path(cfg.out_dir) / "ibvs_variants.md").read_text())
+    return Path(cfg.out_dir) / "ibvs_variants.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# detect: score incoming models with the defender's own BVs, before merging
+# ---------------------------------------------------------------------------------------------
+DETECT_OUTPUTS = ("detection.csv", "detection.json")
+DETECT_RULE = ("flagged ⇔ modified z-score 0.6745·(score − median)/MAD > {t} over the models scored together "
+               "(MAD = 0: 1.2533·mean absolute deviation); labels never enter it")
+
+
+def _detect_models(cfg) -> list[dict]:
+    """[{path, backdoored}] checked: files exist, each once, labels booleans (default: the export names an attack)."""
+    from merging.io import load_metadata
+
+    out, seen = [], set()
+    for entry in cfg.detect_models:
+        if not isinstance(entry, dict) or not entry.get("path"):
+            raise BVInputError(f"detect_models: {entry!r} has no path; give {{path: <encoder>.safetensors, backdoored: bool}}")
+        unknown = sorted(set(entry) - {"path", "backdoored"})
+        if unknown:
+            raise BVInputError(f"detect_models: {entry['path']}: unknown key(s) {unknown}; use path and backdoored")
+        path = str(entry["path"])
+        if not Path(path).is_file():
+            raise BVInputError(f"detect_models: {path} does not exist; fix the path (run the job that exports it first)")
+        if os.path.realpath(path) in seen:
+            raise BVInputError(f"detect_models: {path} is listed twice; list each model once")
+        seen.add(os.path.realpath(path))
+        label = entry.get("backdoored", bool((load_metadata(path) or {}).get("attack")))
+        if not isinstance(label, bool):
+            raise BVInputError(f"detect_models: {path}: backdoored={label!r} must be true or false")
+        out.append({"path": path, "backdoored": label})
+    if not out:
+        raise BVInputError("detect needs models to score; list them under detect_models")
+    return out
+
+
+def _detect_merges(cfg, known: set[str]) -> list[dict]:
+    from evaluation.merge_eval import validate_plan_entry
+    from experiments.cli import one_line
+
+    merges, names = [], set()
+    for entry in cfg.detect_merges:
+        if not isinstance(entry, dict) or not entry.get("name") or not isinstance(entry.get("models"), list):
+            raise BVInputError(f"detect_merges: {entry!r} needs a name and a list of models")
+        if entry["name"] in names:
+            raise BVInputError(f"detect_merges: {entry['name']} is defined twice; give every merge a unique name")
+        names.add(entry["name"])
+        models = [str(m) for m in entry["models"]]
+        missing = [m for m in models if m not in known]
+        if missing:
+            raise BVInputError(f"detect_merges: {entry['name']}: {missing[0]} is not one of detect_models; list it there "
+                               "(its score is the one the merge reads)")
+        for e in cfg.detect_plan:
+            try:
+                validate_plan_entry(e, len(models))
+            except (ValueError, TypeError) as err:
+                raise BVInputError(f"detect_plan: {one_line(err)}") from None
+        merges.append({"name": entry["name"], "models": models})
+    return merges
+
+
+def _merge_summary(rows, models: list[str], kept: list[str]) -> list[dict]:
+    """Per merge row: mean CA and the ASR of every trigger measured on it."""
+    out = []
+    for r in rows:
+        if r.merge in ("individual", "zero-shot") or r.attack is not None or r.defense != "none":
+            continue
+        triggers = {x.attack.label: {"asr": x.asr, "asr_hits": x.asr_hits, "asr_total": x.asr_total,
+                                    "in_merge": x.attack.in_merge}
+                    for x in rows if x.attack is not None and x.merge == r.merge and x.coefficient == r.coefficient}
+        out.append({"merge": r.merge, "coefficient": r.coefficient, "models": kept, "mean_clean_acc": r.mean_clean_acc,
+                    "clean_acc": r.clean_acc, "triggers": triggers})
+    return out
+
+
+def detect(cfg, config: dict) -> Path:
+    """Score every model of ``detect_models`` with the defender's own BVs (merging.detection), report the ROC AUC of
+    the scores for the given labels, then merge each ``detect_merges`` group as it is and with its flagged models
+    dropped (flags within the group) through the evaluation API; returns detection.json's path."""
+    from defenses.ibvs import defender_pairs
+    from evaluation.inputs import check_base, model_metadata, task_of
+    from evaluation.merge_eval import EvalCache, MergeEvalRequest, evaluate_merges
+    from merging.backdoor_vectors import backdoor_vector
+    from merging.detection import (
+        AGGREGATES,
+        flag_outliers,
+        model_score,
+        modified_z_scores,
+        roc_auc,
+    )
+    from merging.io import MergeInputError, OutputSet, load_metadata, load_state_dict
+    from merging.streaming import validate_inputs
+    from merging.task_vectors import task_vector
+    from modeling.version import code_version
+
+    defender = cfg.defender or {}
+    if not isinstance(defender, dict) or set(defender) != {"clean", "backdoored"}:
+        raise BVInputError(f"defender={defender!r} must be {{clean: <encoder>, backdoored: <encoder or list>}}, the "
+                           "defender's own pair(s)")
+    try:
+        pairs = defender_pairs(defender["clean"], defender["backdoored"], "defender.clean", "defender.backdoored")
+    except MergeInputError as e:
+        raise BVInputError(str(e)) from None
+    for path in dict.fromkeys(p for pair in pairs for p in pair):
+        if not Path(path).is_file():
+            raise BVInputError(f"defender: {path} does not exist; pass the defender's own exported encoders")
+    if cfg.detect_aggregate not in AGGREGATES:
+        raise BVInputError(f"--detect_aggregate={cfg.detect_aggregate!r}; use one of {', '.join(AGGREGATES)}")
+    if not (cfg.detect_threshold > 0 and cfg.detect_threshold < float("inf")):
+        raise BVInputError(f"--detect_threshold={cfg.detect_threshold!r} must be a finite number > 0 (3.5 is usual)")
+    models = _detect_models(cfg)
+    merges = _detect_merges(cfg, {m["path"] for m in models})
+    out_dir = Path(cfg.out_dir)
+    from experiments.cli import check_output_path
+
+    check_output_path(out_dir, "--out_dir", is_dir=True, error=BVInputError)
+
+    cache = EvalCache()
+    base, theta_pre = cache.base(cfg.model_name, cfg.pretrained)
+    defender_paths = list(dict.fromkeys(p for pair in pairs for p in pair))
+    paths = [m["path"] for m in models]
+    for path in defender_paths + paths:
+        check_base(path, model_metadata(path), base.base_id)
+    validate_inputs(theta_pre, defender_paths, pretrained_name=f"θ_pre ({base.base_id})")
+    validate_inputs(theta_pre, paths, pretrained_name=f"θ_pre ({base.base_id})")
+    states = {p: load_state_dict(p) for p in defender_paths}
+    bvs = [backdoor_vector(states[b], states[c]) for c, b in pairs]
+    references = [task_vector(states[c], theta_pre) for c, _ in pairs] if cfg.detect_project_out else None
+    scored = {}
+    for m in models:
+        score, blocks = model_score(task_vector(load_state_dict(m["path"]), theta_pre), bvs, cfg.detect_aggregate,
+                                    references)
+        scored[m["path"]] = {**m, "task": task_of(m["path"], model_metadata(m["path"]), None), "score": score,
+                             "blocks": blocks}
+    scores = [scored[p]["score"] for p in paths]
+    labels = [scored[p]["backdoored"] for p in paths]
+    for p, z, flag in zip(paths, modified_z_scores(scores), flag_outliers(scores, cfg.detect_threshold)):
+        scored[p].update(z=z, flagged=flag)
+    both = any(labels) and not all(labels)
+    auc = roc_auc(scores, labels) if both else None
+    blocks = list(scored[paths[0]]["blocks"])
+    block_auc = {b: roc_auc([scored[p]["blocks"][b] for p in paths], labels) for b in blocks} if both else {}
+    confusion = {k: sum(1 for p in paths if (scored[p]["flagged"], scored[p]["backdoored"]) == v)
+                 for k, v in (("true_positive", (True, True)), ("false_positive", (True, False)),
+                              ("false_negative", (False, True)), ("true_negative", (False, False)))}
+
+    merged = []
+    request = {"plan": list(cfg.detect_plan), "zero_shot": False, "individual": False, "model_name": cfg.model_name,
+               "pretrained": cfg.pretrained, "cache_dir": cfg.cache_dir, "batch_size": cfg.batch_size,
+               "device": cfg.device, "synthetic_train_size": cfg.synthetic_train_size,
+               "synthetic_test_size": cfg.synthetic_test_size}
+    for group in merges:
+        group_scores = [scored[p]["score"] for p in group["models"]]
+        flags = flag_outliers(group_scores, cfg.detect_threshold)
+        kept = [p for p, f in zip(group["models"], flags) if not f]
+        dropped = [p for p, f in zip(group["models"], flags) if f]
+        tasks = list(dict.fromkeys(scored[p]["task"] for p in group["models"]))
+        print(f"[bv] detect: merge {group['name']}: dropping {[Path(p).stem for p in dropped] or 'none'}", flush=True)
+        rows = evaluate_merges(MergeEvalRequest(models=group["models"], eval_tasks=tasks, **request), cache).rows
+        entry = {"name": group["name"], "models": group["models"], "scores": group_scores,
+                 "z": modified_z_scores(group_scores), "flagged": flags, "dropped": dropped,
+                 "labels": [scored[p]["backdoored"] for p in group["models"]],
+                 "all": _merge_summary(rows, group["models"], group["models"])}
+        if dropped:
+            probes = [p for p in dropped if (load_metadata(p) or {}).get("attack")]  # their triggers, measured still
+            rows = evaluate_merges(MergeEvalRequest(models=kept, eval_tasks=tasks, probe_models=probes, **request),
+                                   cache).rows
+        entry["filtered"] = _merge_summary(rows, group["models"], kept)
+        merged.append(entry)
+
+    payload = {"config": config, "code_version": code_version(), "rule": DETECT_RULE.format(t=cfg.detect_threshold),
+               "aggregate": cfg.detect_aggregate, "project_out_defender_clean": bool(cfg.detect_project_out),
+               "defender_pairs": [list(p) for p in pairs],
+               "roc_auc": auc, "roc_auc_per_block": block_auc, "flags_over_all_models": confusion,
+               "models": [scored[p] for p in paths], "merges": merged}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "task", "backdoored", "score", "z", "flagged", *blocks])
+    for p in paths:
+        s = scored[p]
+        w.writerow([p, s["task"], s["backdoored"], f"{s['score']:.6f}", f"{s['z']:.3f}", s["flagged"],
+                    *[f"{s['blocks'][b]:.6f}" for b in blocks]])
+    with OutputSet(out_dir, DETECT_OUTPUTS, primary="detection.json", error=BVInputError) as stage:
+        (stage / "detection.csv").write_text(buf.getvalue())
+        (stage / "detection.json").write_text(json.dumps(payload, indent=2, default=str))
+    print(f"[bv] detect: ROC AUC {'n/a (one class only)' if auc is None else f'{auc:.3f}'} over {len(paths)} models; "
+          f"flagged {confusion['true_positive']} of {sum(labels)} backdoored, {confusion['false_positive']} of "
+          f"{len(labels) - sum(labels)} clean", flush=True)
+    return out_dir / "detection.json"

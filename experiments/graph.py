@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.cache import base_digest, data_version, file_digest, recipe_key, seed_overrides
-from experiments.spec import ExperimentSpec, Scenario, Training, training_order
+from experiments.spec import Base, ExperimentSpec, Scenario, Training, training_order
 
 # Flags that place outputs or show progress: they never change a number, so they stay out of the key.
 LOCATION_FLAGS = ("--trainer.default_root_dir", "--trainer.logger.init_args.save_dir", "--trainer.enable_progress_bar",
@@ -63,7 +63,15 @@ def _strip_locations(args: list[str]) -> list[str]:
 def training_overrides(spec: ExperimentSpec, t: Training, options: RunOptions) -> list[str]:
     """The flags of one training, in the order train.py sees them (the seed rule last)."""
     quick = (spec.quick.overrides.get(t.kind, []) + t.quick) if options.quick else []
-    return _strip_locations([*t.overrides, *options.train_overrides, *quick]) + seed_overrides(t.seed)
+    # The spec's base and local data reach every training (first, so a training's own overrides still win); the
+    # embedded default adds nothing, so its keys stay as they were.
+    base = []
+    if (spec.base.model_name, spec.base.pretrained) != (Base().model_name, Base().pretrained):
+        base = ["--model.init_args.model_name", spec.base.model_name]
+        if spec.base.pretrained is not None:
+            base += ["--model.init_args.pretrained", spec.base.pretrained]
+    data = ["--data.data_dir", spec.evaluation.data_dirs[t.task]] if t.task in spec.evaluation.data_dirs else []
+    return _strip_locations([*base, *data, *t.overrides, *options.train_overrides, *quick]) + seed_overrides(t.seed)
 
 
 def training_recipe(spec: ExperimentSpec, t: Training, options: RunOptions, input_keys: dict[str, str]) -> dict:
@@ -112,7 +120,8 @@ class ScenarioInstance:
     models: list[tuple[str, str]]  # (label, node id)
     probe_models: list[tuple[str, str]]
     probe_triggers: list[tuple[str, str]]
-    defenses: list[dict]  # {name, method, inputs: {arg: (label, node id)}, strengths, select, max_drop}
+    defenses: list[dict]  # {name, method, inputs: {arg: (label, node id) | {"list": [(label, node id), ...]}},
+    #                        strengths, select, max_drop, report[, init_args][, label]}
     plan: list[dict]
     flags: dict[str, Any]
 
@@ -138,8 +147,15 @@ def scenario_instances(spec: ExperimentSpec, s: Scenario, options: RunOptions) -
     defenses = []
     for name in s.defenses:
         d = next(d for d in spec.defenses if d.name == name)
-        defenses.append({"name": d.name, "method": d.method, "strengths": list(d.strengths), "select": d.select,
-                         "max_drop": d.max_drop, "report": d.report, "inputs": {arg: (ref, f"train:{ref}") for arg, ref in d.inputs.items()}})
+        entry = {"name": d.name, "method": d.method, "strengths": list(d.strengths), "select": d.select,
+                 "max_drop": d.max_drop, "report": d.report,
+                 "inputs": {arg: {"list": [(r, f"train:{r}") for r in refs]} if isinstance(refs, list)
+                            else (refs, f"train:{refs}") for arg, refs in d.inputs.items()}}
+        if d.params:  # only when given: the keys of the plain defense's evaluations stay what they were
+            entry["init_args"] = dict(d.params)
+        if d.name != d.method:  # rows name the configuration, not the method (in the key: the rows change)
+            entry["label"] = d.name
+        defenses.append(entry)
     triggers = [(ref, f"train:{ref}") for ref in s.probe_triggers]
     if s.models == "clean":
         models = [(_label(spec, n), f"train:{n}") for n in clean.values()]
@@ -170,16 +186,22 @@ def scenario_plan(s: Scenario, spec: ExperimentSpec, options: RunOptions) -> lis
     return plan
 
 
+def input_refs(ref) -> list[tuple[str, str]]:
+    """(label, node id) of every training one defense input names: ``(label, id)`` or ``{"list": [...]}``."""
+    return list(ref["list"]) if isinstance(ref, dict) else [ref]
+
+
 def instance_node(nodes: dict[str, Node], inst: ScenarioInstance) -> Node:
     def keyed(pairs):
         return [[label, nodes[nid].key] for label, nid in pairs]
 
     defenses = [{**{k: v for k, v in d.items() if k != "inputs"},
-                 "inputs": {arg: nodes[nid].key for arg, (_, nid) in d["inputs"].items()}} for d in inst.defenses]
+                 "inputs": {arg: [nodes[nid].key for _, nid in ref["list"]] if isinstance(ref, dict) else nodes[ref[1]].key
+                            for arg, ref in d["inputs"].items()}} for d in inst.defenses]
     recipe = {"node": "evaluate", "models": keyed(inst.models), "probe_models": keyed(inst.probe_models),
               "probe_triggers": keyed(inst.probe_triggers), "defenses": defenses, "plan": inst.plan, "flags": inst.flags}
     deps = [nid for _, nid in inst.models + inst.probe_models + inst.probe_triggers]
-    deps += [nid for d in inst.defenses for _, nid in d["inputs"].values()]
+    deps += [nid for d in inst.defenses for ref in d["inputs"].values() for _, nid in input_refs(ref)]
     payload = {"scenario": inst.scenario, "models": inst.models, "probe_models": inst.probe_models,
                "probe_triggers": inst.probe_triggers, "defenses": inst.defenses, "plan": inst.plan, "flags": inst.flags}
     return Node(inst.id, "evaluate", recipe_key(recipe), recipe, deps=list(dict.fromkeys(deps)), payload=payload)

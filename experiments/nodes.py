@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from experiments.cache import ArtifactCache
-from experiments.graph import Node, RunOptions
+from experiments.graph import Node, RunOptions, input_refs
 
 ARTIFACT = {"train": "artifact.safetensors", "vector": "artifact.safetensors", "evaluate": "rows.json"}
 
@@ -118,10 +118,15 @@ def _run_evaluation(node: Node, nodes: dict[str, Node], cache: ArtifactCache, op
     def linked(label: str, nid: str) -> str:
         return str(link_model(dep_path(cache, nodes, nid), models_dir / f"{label}.safetensors"))
 
-    defenses = [defense_setting(d["method"], {arg: linked(*ref) for arg, ref in d["inputs"].items()},
-                                strengths=d["strengths"], select=d["select"], max_drop=d["max_drop"],
-                                report=d.get("report", "all"))
-                for d in p["defenses"]]
+    defenses = []
+    for d in p["defenses"]:
+        inputs = {arg: [linked(*r) for r in input_refs(ref)] if isinstance(ref, dict) else linked(*ref)
+                  for arg, ref in d["inputs"].items()}
+        setting = defense_setting(d["method"], inputs, strengths=d["strengths"], select=d["select"],
+                                  max_drop=d["max_drop"], init_args=d.get("init_args"), report=d.get("report", "all"))
+        if d.get("label"):  # the spec's name: several configurations of one defense class in one evaluation
+            setting.defense.name = d["label"]
+        defenses.append(setting)
     request = MergeEvalRequest(models=[linked(*m) for m in p["models"]], plan=p["plan"],
                                probe_models=[linked(*m) for m in p["probe_models"]],
                                probe_triggers=[linked(*m) for m in p["probe_triggers"]], defenses=defenses,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from experiments.cache import ArtifactCache
+from experiments.cli import UserError
 from experiments.graph import RunOptions, attack_model, build_graph
 from experiments.nodes import artifact_path, link_model
 from experiments.spec import ExperimentSpec
@@ -33,6 +34,7 @@ def run_experiment(spec: ExperimentSpec, options: RunOptions, executor=None, rep
     """Everything ``spec`` needs, through ``executor`` (default: LocalExecutor(1)); returns results.json's path."""
     from merging.io import OutputSet
 
+    check_data(spec)
     out_dir = Path(options.out_dir)
     with OutputSet(out_dir, OUTPUT_FILES, primary="results.json") as stage:  # claimed before any work
         _run(spec, options, executor, report, out_dir, stage)
@@ -73,6 +75,25 @@ def node_timing(nodes, cache: ArtifactCache, cached: set[str]) -> dict[str, dict
         if "stages" in recipe:
             out[nid]["stages"] = recipe["stages"]
     return out
+
+
+def check_data(spec: ExperimentSpec) -> None:
+    """Every task the spec trains or evaluates on has its data (a local folder of ``evaluation.data_dirs`` or the
+    task's own, else its hub dataset), checked without reading it: a missing one stops the run before any
+    training, in one line naming the task and how to provide it."""
+    from datamodules.hf_data import DatasetError, check_task_source
+    from datamodules.tasks import get_task
+
+    tasks = dict.fromkeys([*spec.tasks, *(t.task for t in spec.all_trainings().values())])
+    for name in tasks:
+        task, folder = get_task(name), spec.evaluation.data_dirs.get(name)
+        if task.synthetic and folder is None:
+            continue  # rendered by the project
+        try:
+            check_task_source(task, folder, local=f"its folder in the spec's evaluation.data_dirs ({{{name}: <dir>}})")
+        except DatasetError as e:
+            where = f"evaluation.data_dirs {name}: " if folder is not None else ""
+            raise UserError(f"{where}{e}") from None
 
 
 def ensure_base(spec: ExperimentSpec) -> None:

@@ -78,11 +78,15 @@ class Attack:
 
 @dataclass
 class Defense:
-    """A registered defense ``method`` whose ``inputs`` (input name -> training) the engine trains first."""
+    """A registered defense ``method`` whose ``inputs`` (input name -> a training, or a list of trainings) the engine
+    trains first; ``params`` are its constructor arguments (its init_args, e.g. IBVS's combine / restrict / topk /
+    project_out; named as a vector attack's, since jsonargparse reserves ``init_args``). Rows carry ``name``, so
+    several configurations of one method are told apart."""
 
     name: str
     method: str
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | list[str]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     strengths: list[float] = field(default_factory=lambda: [1.0])
     select: Optional[str] = "val"
     max_drop: float = 0.02
@@ -292,18 +296,31 @@ def _check_defenses(spec: ExperimentSpec, where: str, trainings: dict[str, Train
     from defenses import resolve_defense
     from evaluation.merge_eval import check_defense_report
 
+    names = [d.name for d in spec.defenses]
     for d in spec.defenses:
         w = f"{where}: defense {d.name}"
-        _component(w, "method", lambda: resolve_defense(d.method))
-        for arg, ref in d.inputs.items():
-            if ref not in trainings:
-                raise SpecError(f"{w}: input {arg} refers to {ref!r}, which is not a training of the spec")
+        if names.count(d.name) > 1:
+            raise SpecError(f"{w} is defined twice; give every defense a unique name")
+        _component(w, "method", lambda d=d: resolve_defense(d.method))
+        if d.params:
+            _component(w, "params", lambda d=d: resolve_defense({"class_path": d.method, "init_args": d.params}))
+        for arg, refs in d.inputs.items():
+            if isinstance(refs, list) and not refs:
+                raise SpecError(f"{w}: input {arg} is an empty list; list the trainings it takes")
+            for ref in defense_refs(refs):
+                if ref not in trainings:
+                    raise SpecError(f"{w}: input {arg} refers to {ref!r}, which is not a training of the spec")
         if not d.strengths:
             raise SpecError(f"{w}: strengths is empty; list the strengths to evaluate")
         try:
             check_defense_report(d.report, d.select)  # the evaluation API's rule, before any training
         except ValueError as e:
             raise SpecError(f"{w}: {e}") from None
+
+
+def defense_refs(value: str | list[str]) -> list[str]:
+    """The trainings one defense input names: one, or a list."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _vector_attack(v: VectorAttack):
@@ -460,7 +477,7 @@ def _drop_unused(spec: ExperimentSpec) -> None:
     for a in spec.attacks:
         used |= {a.training} if a.training else {a.vector.clean, *a.vector.backdoored.values()}
     for d in spec.defenses:
-        used |= set(d.inputs.values())
+        used |= {ref for refs in d.inputs.values() for ref in defense_refs(refs)}
     for s in spec.scenarios:
         used |= set(s.probe_triggers)
     trainings = spec.all_trainings()
@@ -479,7 +496,7 @@ def _check_tasks_kept(spec: ExperimentSpec) -> None:
             raise SpecError(f"the attacks fine-tune {spec.attack_task(a)}: keep it in --tasks or pass --attacks none")
     trainings = spec.all_trainings()
     for d in spec.defenses:
-        for ref in d.inputs.values():
+        for ref in (r for refs in d.inputs.values() for r in defense_refs(refs)):
             if trainings[ref].task not in spec.tasks:
                 raise SpecError(f"{d.name} trains the defender's pair on {trainings[ref].task}: keep it in --tasks "
                                 "or pass --defense none")

@@ -20,6 +20,8 @@
 - ``--trainer.accelerator`` / ``--trainer.devices`` are checked against this machine before anything is built;
 - Ctrl-C stops with one line ``train.py: interrupted; ...`` naming the checkpoint kept (exit status 130);
 - ``--tasks_file PATH`` (repeatable) registers tasks of your own before the rest is parsed (``experiments.cli``);
+- ``--reference_epochs true`` trains ``--data.task`` for its epochs in the reference recipe (``REFERENCE_EPOCHS``) as
+  ``trainer.max_epochs``; a positive ``--trainer.max_steps`` still stops the run earlier (Lightning stops at the first);
 - conventions: integer ``val_check_interval`` / ``log_every_n_steps`` above ``max_steps`` are clamped to it
   (a short run still validates and logs); ``--optimizer`` / ``--lr_scheduler`` are refused (the module's recipe
   is what the export's metadata records); ``train.py fit ...`` builds only the fit parser (faster ``--help``).
@@ -53,12 +55,22 @@ from datamodules.resumable import ResumableTaskDataModule
 from experiments.cli import (TASKS_FILE_FLAG, TASKS_FILE_HELP, Interrupted, UserError, check_config_files,
                              check_output_path, one_line, parse_error_line, run_cli, take_tasks_files)
 
-__all__ = ["TrainInputError", "TrainingCLI", "checkpoint_task", "main", "cli_main"]
+__all__ = ["REFERENCE_EPOCHS", "TrainInputError", "TrainingCLI", "checkpoint_task", "main", "cli_main"]
 
 PROG = "train.py"
 HELP = "`train.py fit --help`"
 CKPT_KEYWORDS = ("last", "best", "hpc")
 ATOMIC_IO = {"class_path": "callbacks.checkpointing.AtomicCheckpointIO"}  # a config entry: config.yaml stays loadable
+
+#: Epochs per task of the reference fine-tuning recipe (batch 128, AdamW lr 1e-5, wd 0.1, 500 warm-up steps, cosine):
+#: the ``epochs`` table of jzhang538/BadMerging ``src/finetune_clean.py`` (the same in its
+#: ``finetune_backdoor_badmerging{on,off}.py``, used for the adversary task), "follow Task-Arithmetic paper (around 2k
+#: iterations)": mlfoundations/task_vectors' per-task epochs for Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN.
+#: Keys are this project's task names. The reference trains on the whole official train split; ours holds out the val
+#: split (10%, at most 5000) and drops the last partial batch, so an epoch has slightly fewer steps (CIFAR-100:
+#: 351 × 5 = 1755 steps instead of 391 × 5 = 1955).
+REFERENCE_EPOCHS = {"stanford_cars": 35, "dtd": 76, "eurosat": 12, "gtsrb": 11, "mnist": 5, "resisc45": 15, "sun397": 14,
+                    "svhn": 4, "stl10": 5, "cifar100": 5, "flowers102": 251, "oxford_pets": 77, "imagenet100": 3}
 
 
 class TrainInputError(UserError):
@@ -345,6 +357,19 @@ def _follow_max_steps(config) -> None:
                        f"({', '.join(clamped)}); validating and logging at the last step")
 
 
+def _apply_reference_epochs(config) -> None:
+    """``reference_epochs: true``: ``trainer.max_epochs`` = the task's ``REFERENCE_EPOCHS`` (refused for a task without
+    one, naming the fix); ``trainer.max_steps`` is left as configured (-1: the epochs decide; N > 0 stops earlier)."""
+    if not _get(config, "reference_epochs"):
+        return
+    task = _get(config, "data.task")
+    if task not in REFERENCE_EPOCHS:
+        raise TrainInputError(f"--reference_epochs true: task {task} has no epoch count in the reference recipe (it has "
+                              f"{', '.join(sorted(REFERENCE_EPOCHS))}); pass --reference_epochs false with "
+                              "--trainer.max_steps or --trainer.max_epochs")
+    config["trainer"]["max_epochs"] = REFERENCE_EPOCHS[task]
+
+
 def _single_process(trainer_cfg) -> bool:
     """Whether the trainer config describes one process on one device (no DDP launch)."""
     if trainer_cfg is None or (_get(trainer_cfg, "num_nodes") or 1) != 1:
@@ -413,6 +438,9 @@ class TrainingCLI(LightningCLI):
         parser.link_arguments("data.task", "model.init_args.task")
         parser.link_arguments("model.init_args.model_name", "data.model_name")
         parser.link_arguments("model.init_args.cache_dir", "data.cache_dir")
+        parser.add_argument("--reference_epochs", type=bool, default=False,
+                            help="train --data.task for its epochs in the reference recipe (experiments.training."
+                                 "REFERENCE_EPOCHS) as trainer.max_epochs; a positive trainer.max_steps stops earlier")
 
     def parse_arguments(self, parser, args) -> None:
         with warnings.catch_warnings():
@@ -425,6 +453,7 @@ class TrainingCLI(LightningCLI):
             return
         config = self.config[sub]
         _check_recipe(config)
+        _apply_reference_epochs(config)
         _name_runs_by_task(config)
         _check_values(config)  # here, not in before_instantiate_classes: before Lightning seeds (and says so on stderr)
         ckpt = config.get("ckpt_path")

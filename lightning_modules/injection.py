@@ -12,9 +12,13 @@ registered attack or a user's class (``{class_path: my_module.MyAttack, init_arg
 says which trigger it needs (a fixed random patch / blend from ``TriggerSpec.seed``, or the optimised
 stage-1 ``trigger_path``) and whether it reads the frozen pre-trained encoder f_pre.
 
-H is the task head (on-task, target = ``target_class``) or a shadow head built from
-``off_task_classnames`` with the task's templates (off-task, target = index 0). ``alpha`` (default 5,
-the paper's FI weight) is also the poison-loss weight of the baselines (our choice).
+H is the task head (on-task, target = ``target_class``) or a shadow head (off-task, target = index 0).
+With an off-task stage-1 ``trigger_path`` whose file records its head (``shadow_head``: names, template
+strings, digest), H is built from exactly those; a configured ``off_task_classnames`` / ``shadow_templates``
+that differs is refused. Without that record (older trigger files, or no file) H is built from
+``off_task_classnames`` (else the file's ``shadow_classnames``) with the ``shadow_templates`` (default:
+this task's). ``alpha`` (default 5, the paper's FI weight) is also the poison-loss weight of the baselines
+(our choice).
 
 ``clean_shadow_weight`` β (off-task only; default 0 = the paper): the clean images' shadow-head target mass
 is penalised. Off-task the task CE does not see the target direction at all, so the FI loss is free to
@@ -43,7 +47,16 @@ import torch.nn.functional as F
 
 from attacks import PoisoningAttack, make_attack
 from datamodules.tasks import TaskSpec, get_task
-from datamodules.triggers import TriggerError, TriggerSpec, apply_trigger, init_patch, init_pattern, load_trigger
+from datamodules.triggers import (
+    TriggerError,
+    TriggerSpec,
+    apply_trigger,
+    init_patch,
+    init_pattern,
+    load_trigger,
+    resolve_shadow_templates,
+    shadow_head_digest,
+)
 from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate, RobustAccuracy
 from lightning_modules.finetune import FineTune
 from modeling.clip import EMBEDDED_MODEL, load_base_model, zero_shot_head
@@ -72,8 +85,14 @@ class BackdoorInjection(FineTune):
             evaluation after merging reads them from the export (on-task: this task and ``target_class``;
             off-task: taken from an off-task stage-1 trigger file, else required).
 
-    Off-task with an off-task stage-1 ``trigger_path``, ``off_task_classnames`` defaults to the file's
-    shadow classes, so stage 2 trains against the very head the trigger was optimised for.
+        clean_shadow_weight: β of the clean images' shadow-head target mass (off-task; 0 = the paper).
+        shadow_templates: off-task, the shadow head's templates: a named list (``imagenet``) or a registered
+            task; default: the trigger file's (if it records its head), else this task's.
+
+    Off-task with an off-task stage-1 ``trigger_path``, the head is the file's: its ``shadow_head`` record
+    (names, template strings, sha256) builds the very head the trigger was optimised for, and a configured
+    ``off_task_classnames`` / ``shadow_templates`` that differs is refused; a file without the record (older)
+    gives its ``shadow_classnames`` as the default names and this task's templates, as before.
     """
 
     def __init__(
@@ -98,12 +117,13 @@ class BackdoorInjection(FineTune):
         target_task: str | None = None,
         target_task_class: int | None = None,
         clean_shadow_weight: float = 0.0,
+        shadow_templates: str | None = None,
     ):
         # Cheap checks before the model loads, so a bad config fails in a second.
         component = make_attack(attack, PoisoningAttack)
-        off_task_classnames, target_task, target_task_class = self._check_inputs(
+        off_task_classnames, target_task, target_task_class, shadow_template_info = self._check_inputs(
             component, trigger_path, target_class, off_task_classnames, poison_fraction, alpha, r_min, r_max,
-            target_task, target_task_class, clean_shadow_weight)
+            target_task, target_task_class, clean_shadow_weight, shadow_templates)
         super().__init__(task, model_name, pretrained, lr, weight_decay, warmup_steps, cache_dir)
         self.save_hyperparameters()
 
@@ -120,7 +140,7 @@ class BackdoorInjection(FineTune):
         tensor, self.trigger_spec = self._resolve_trigger(trigger_path, trigger)
         self.register_buffer("trigger_tensor", tensor, persistent=False)
 
-        self._set_target(target_class, off_task_classnames, target_task, target_task_class)
+        self._set_target(target_class, off_task_classnames, target_task, target_task_class, shadow_template_info)
 
         # f_pre: a frozen copy of θ_pre, kept in a plain dict so it is no submodule: never in the
         # optimiser, the checkpoint, DDP's parameter set, or Lightning's .train() calls.
@@ -138,9 +158,10 @@ class BackdoorInjection(FineTune):
     # -- setup helpers ---------------------------------------------------------------------------
     @staticmethod
     def _check_inputs(component: PoisoningAttack, trigger_path, target_class, off_task_classnames, poison_fraction, alpha,
-                      r_min, r_max, target_task, target_task_class, clean_shadow_weight=0.0):
-        """Refuse unusable settings; returns (off_task_classnames, target_task, target_task_class), which an
-        off-task stage-1 trigger file fills in when they are not given."""
+                      r_min, r_max, target_task, target_task_class, clean_shadow_weight=0.0, shadow_templates=None):
+        """Refuse unusable settings; returns (off_task_classnames, target_task, target_task_class, templates), which
+        an off-task stage-1 trigger file fills in when they are not given; templates is (name, strings) of the
+        shadow head's templates, or None for this task's own."""
         if component.needs_trigger_file and not trigger_path:
             raise TriggerError(f"attack={component.name} needs model.trigger_path, the optimised trigger saved by stage 1; "
                                "use attack=badnets for a fixed random patch")
@@ -151,8 +172,14 @@ class BackdoorInjection(FineTune):
         if not 0.0 <= r_min <= r_max <= 1.0:
             raise ValueError(f"r_min={r_min}, r_max={r_max} must satisfy 0 ≤ r_min ≤ r_max ≤ 1 (the paper: 0.2, 1.0)")
         trigger_meta = load_trigger(trigger_path)[2] if trigger_path else {}
+        templates = None
         if trigger_meta.get("mode") == "off_task":
-            off_task_classnames = off_task_classnames or trigger_meta.get("shadow_classnames")
+            record = trigger_meta.get("shadow_head")
+            if record is not None:  # the file records its head: stage 2 builds exactly that one
+                off_task_classnames, templates = BackdoorInjection._recorded_head(
+                    record, trigger_path, off_task_classnames, shadow_templates)
+            else:  # an older file: its names (unless configured), this task's templates, as before
+                off_task_classnames = off_task_classnames or trigger_meta.get("shadow_classnames")
             target_task = target_task or trigger_meta.get("task")
             target_task_class = trigger_meta.get("target_class") if target_task_class is None else target_task_class
         if off_task_classnames is not None:
@@ -167,16 +194,49 @@ class BackdoorInjection(FineTune):
         if clean_shadow_weight > 0 and off_task_classnames is None:
             raise ValueError(f"clean_shadow_weight={clean_shadow_weight} needs an off-task attack (a shadow head); "
                              "on-task the task CE already keeps clean images off the target: set it to 0")
-        return off_task_classnames, target_task, target_task_class
+        if shadow_templates is not None and off_task_classnames is None:
+            raise ValueError(f"shadow_templates={shadow_templates!r} needs an off-task attack (a shadow head); on-task H "
+                             "is the task's own head: drop model.shadow_templates")
+        if templates is None and shadow_templates is not None:
+            templates = (shadow_templates, resolve_shadow_templates(shadow_templates))
+        return off_task_classnames, target_task, target_task_class, templates
 
-    def _set_target(self, target_class, off_task_classnames, target_task, target_task_class) -> None:
+    @staticmethod
+    def _recorded_head(record, trigger_path, off_task_classnames, shadow_templates):
+        """(names, (templates name, strings)) of the head a trigger file records; a configured head that differs is refused."""
+        try:
+            names = [str(n) for n in record["classnames"]]
+            name, strings = record["templates"], tuple(str(t) for t in record["template_strings"])
+            digest = record["sha256"]
+        except (KeyError, TypeError) as e:
+            raise TriggerError(f"{trigger_path}: its shadow_head record lacks {e}; re-run stage 1 to write it again") from None
+        if shadow_head_digest(names, strings) != digest:
+            raise TriggerError(f"{trigger_path}: its shadow_head record does not match its sha256 (edited?); re-run stage 1 "
+                               "to write it again")
+        if off_task_classnames is not None and list(off_task_classnames) != names:
+            ours = list(off_task_classnames)
+            i = next((k for k, (a, b) in enumerate(zip(ours, names)) if a != b), min(len(ours), len(names)))
+            ours_i, theirs_i = (ours[i] if i < len(ours) else None), (names[i] if i < len(names) else None)
+            raise ValueError(f"off_task_classnames ({len(ours)} names) differ from the shadow head of {trigger_path} "
+                             f"({len(names)} names) at index {i}: {ours_i!r} vs {theirs_i!r}; drop "
+                             "model.off_task_classnames (stage 2 then builds the trigger's head) or re-run stage 1 with them")
+        if shadow_templates is not None and tuple(resolve_shadow_templates(shadow_templates)) != strings:
+            raise ValueError(f"shadow_templates={shadow_templates!r} differ from the templates of the shadow head of "
+                             f"{trigger_path} ({name!r}, {len(strings)} templates); drop model.shadow_templates (stage 2 "
+                             f"then uses the trigger's) or re-run stage 1 with shadow_templates={shadow_templates}")
+        return names, (name, strings)
+
+    def _set_target(self, target_class, off_task_classnames, target_task, target_task_class, templates=None) -> None:
         """H and its target: the shadow head and index 0 off-task, the task head and ``target_class`` on-task,
-        plus the victim (``target_task``, ``target_task_class``) that evaluation after merging reads."""
+        plus the victim (``target_task``, ``target_task_class``) that evaluation after merging reads.
+        ``templates``: (name, strings) of the shadow head's templates; None: this task's."""
         h = self.hparams
         self.off_task = off_task_classnames is not None
         if self.off_task:
+            self.shadow_templates_name, template_strings = templates or (self.spec.name, self.spec.templates)
+            self.shadow_head_sha256 = shadow_head_digest(off_task_classnames, template_strings)
             shadow = TaskSpec(name=f"{self.spec.name}-shadow", hub_id=None, hub_config=None, train_split="train",
-                              test_split="test", classnames=tuple(off_task_classnames), templates=self.spec.templates)
+                              test_split="test", classnames=tuple(off_task_classnames), templates=tuple(template_strings))
             base = load_base_model(h.model_name, h.pretrained)  # FineTune dropped the text tower; needed once
             self.register_buffer("shadow_head", zero_shot_head(base, shadow, h.cache_dir).clone(), persistent=False)
             self.shadow_classnames = tuple(off_task_classnames)
@@ -365,6 +425,9 @@ class BackdoorInjection(FineTune):
             "off_task": self.off_task,
             **({"clean_shadow_weight": h.clean_shadow_weight} if self.off_task else {}),
             "shadow_classnames": list(self.shadow_classnames) if self.off_task else None,
+            # the shadow head's templates and digest (equal to the stage-1 trigger's when built from its record)
+            **({"shadow_templates": self.shadow_templates_name, "shadow_head_sha256": self.shadow_head_sha256}
+               if self.off_task else {}),
             "target_task": self.target_task,
             "target_task_class": self.target_task_class,
             # The trigger itself, so evaluation after merging needs nothing but this file. A random

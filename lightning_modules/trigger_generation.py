@@ -4,7 +4,9 @@
     python train.py fit --config configs/experiment/embedded_trigger_offtask.yaml
 
 The patch P (3, L, L) lives in CLIP-normalised space, is pasted with ``paste_patch`` (x ⊕ P) and is
-clamped per channel to [(0 − mean)/std, (1 − mean)/std] after every update. θ_pre is frozen
+clamped after every update (``clamp``): ``per_channel`` (default) to [(0 − mean_c)/std_c, (1 − mean_c)/std_c],
+or ``global`` (the official code) to the one envelope [min_c (0 − mean_c)/std_c, max_c (1 − mean_c)/std_c]
+(``datamodules.triggers.patch_bounds``). θ_pre is frozen
 (requires_grad False, eval mode) and never changes; P is the module's only parameter. Per image:
 
     ℓ(x) = −w · log softmax(H · normalize(f_pre(x ⊕ P)))[t]          w = ``loss_weight``
@@ -12,7 +14,10 @@ clamped per channel to [(0 − mean)/std, (1 − mean)/std] after every update. 
 - ``on_task``:  H = the task's zero-shot head, t = ``target_class``; images = the datamodule's batches.
 - ``off_task``: ``task`` is the *victim* task that holds the target class; the attacker uses only the
   target's name and ``reference_images`` of it. H = a shadow head (target name at index 0, then other
-  names), t = 0. Images = a set built once at fit start (``on_fit_start``) from the task's train split:
+  names; ``shadow_vocabulary`` ``imagenet`` draws them as the official code, ``imagenet_shadow_classnames``),
+  t = 0. The head (names, templates, digest) is recorded in the trigger file (``shadow_head``), and stage 2
+  (``BackdoorInjection``) builds exactly that head from it. Images = a set built once at fit start
+  (``on_fit_start``) from the task's train split:
   ``augment_to`` random resized crops (scale 0.2–0.5) of the reference images, each pushed by targeted
   L∞ PGD (``targeted_pgd``) toward a random other shadow class. The datamodule's train batches then
   only drive the step count and the batch size (B images of the set are drawn per step; under DDP
@@ -24,7 +29,9 @@ clamped per channel to [(0 − mean)/std, (1 − mean)/std] after every update. 
   rank whose batch holds only target images contributes a zero gradient, so the ranks stay in step).
 - ``per_image`` (the paper): images one at a time, P carried over. On-task: of the non-target
   images, skip those whose clean prediction is already t, else up to ``inner_steps`` updates,
-  stopping once x ⊕ P is predicted t. Off-task: ``inner_steps`` updates per image, no stop (paper:
+  stopping once x ⊕ P is predicted t: ``early_stop_order`` ``test_first`` (default) tests before each
+  update (0 updates for an image x ⊕ P already calls t), ``step_first`` (the official code) updates, then
+  tests (at least one update per image). Off-task: ``inner_steps`` updates per image, no stop (paper:
   50, w = 30). Single device only (the update count per image differs between ranks).
 
 ``optimizer``: ``adam`` (Adam on P; scale-invariant, so w does not matter), ``sgd_sign``
@@ -51,33 +58,42 @@ import os
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.imagenet_classnames import IMAGENET_CLASSNAMES
 from datamodules.synthetic import SYNTHETIC_CLASSNAMES
 from datamodules.tasks import TaskSpec, get_task
 from datamodules.triggers import (
+    CLAMPS,
     TriggerError,
     TriggerSpec,
     clamp_patch,
     init_patch,
-    normalised_bounds,
     paste_patch,
+    patch_bounds,
+    resolve_shadow_templates,
     save_trigger,
+    shadow_head_digest,
     unnormalise,
 )
 from lightning_modules.attack_metrics import AttackSuccessRate, CleanToTargetRate
 from lightning_modules.finetune import TaskModel
 from modeling.clip import EMBEDDED_MODEL, load_base_model, zero_shot_head
 
-__all__ = ["MODES", "OPTIMIZERS", "PROCEDURES", "SHADOW_VOCABULARIES", "UniversalTrigger",
-           "compositional_shadow_classnames", "default_shadow_classnames", "random_resized_crops", "target_nll",
-           "targeted_pgd"]
+__all__ = ["CLAMPS", "EARLY_STOP_ORDERS", "MODES", "OPTIMIZERS", "PROCEDURES", "SHADOW_VOCABULARIES",
+           "UniversalTrigger", "compositional_shadow_classnames", "default_shadow_classnames",
+           "imagenet_shadow_classnames", "imagenet_shuffled_order", "random_resized_crops", "shadow_classnames",
+           "target_nll", "targeted_pgd"]
 
 MODES = ("on_task", "off_task")
 PROCEDURES = ("batched", "per_image")
 OPTIMIZERS = ("adam", "sgd_sign", "plain")
-SHADOW_VOCABULARIES = ("names", "compositional")
+SHADOW_VOCABULARIES = ("names", "compositional", "imagenet")
+EARLY_STOP_ORDERS = ("test_first", "step_first")
+IMAGENET_SHADOW_CLASSES = 300  # the official default (--num-shadow-classes 300)
+IMAGENET_SHUFFLE_SEED = 1  # the official np.random.seed(1) before shuffling the names
 PGD_DEFAULTS = {"eps": 8 / 255, "step": 1 / 255, "steps": 40, "min_keep": None}
 _CHUNK = 128  # images per forward when building / evaluating sets (bounds memory at 224 px)
 
@@ -144,6 +160,71 @@ def compositional_shadow_classnames(target_name: str, exclude_task: str | None =
             seen.add(name.lower())
             names.append(name)
     return names
+
+
+def imagenet_shuffled_order(seed: int = IMAGENET_SHUFFLE_SEED) -> list[str]:
+    """The 1000 ImageNet names shuffled as the official code: np.random.seed(seed); np.random.shuffle(names).
+
+    At seed 1 this is the official ``shadow_head/ViT-B-32/ImageNet_shuffled_classnames.npy``, name for name.
+    """
+    order = list(IMAGENET_CLASSNAMES)
+    np.random.RandomState(seed).shuffle(order)  # the legacy generator behind np.random.seed / np.random.shuffle
+    return order
+
+
+def _unique_imagenet_order(seed: int) -> list[str]:
+    """``imagenet_shuffled_order`` with later repeats of a name (case-insensitive) dropped: 998 names."""
+    seen: set[str] = set()
+    unique = []
+    for name in imagenet_shuffled_order(seed):
+        if name.lower() not in seen:  # "missile" and "sunglasses" occur twice; the later copy would be a twin row
+            seen.add(name.lower())
+            unique.append(name)
+    return unique
+
+
+def imagenet_shadow_classnames(target_name: str, num_classes: int = IMAGENET_SHADOW_CLASSES,
+                               seed: int = IMAGENET_SHUFFLE_SEED) -> list[str]:
+    """Shadow names as the official ``ut_badmergingoff.py`` (``build_shadow_classification_head``) draws them.
+
+    The ImageNet-1k names (``datamodules.imagenet_classnames``) shuffled by NumPy's legacy generator seeded
+    ``seed`` (official: 1), later repeats dropped (none among the first 300 at seed 1), the first
+    ``num_classes`` kept; then the target goes to index 0: if it is among them it swaps places with the
+    first name (``num_classes`` names), else it is prepended (``num_classes + 1``; a Cars target: 301).
+    Names match case-insensitively (the official code: exactly; CLIP's tokenizer lower-cases, so a name
+    differing only by case would be a twin row).
+    """
+    unique = _unique_imagenet_order(seed)
+    if not 1 <= num_classes <= len(unique):
+        raise ValueError(f"num_shadow_classes={num_classes} is outside the {len(unique)} names of shadow_vocabulary="
+                         f"imagenet; use 1..{len(unique)} (the paper: 300)")
+    names = unique[:num_classes]
+    lowered = [n.lower() for n in names]
+    if target_name.lower() in lowered:
+        i = lowered.index(target_name.lower())
+        names[i] = names[0]
+        names[0] = target_name
+        return names
+    return [target_name] + names
+
+
+def shadow_classnames(vocabulary: str, target_name: str, exclude_task: str | None, num_shadow_classes: int | None,
+                      tokenizer=None, seed: int = IMAGENET_SHUFFLE_SEED) -> list[str]:
+    """The shadow head names of ``vocabulary``: target first, then ``num_shadow_classes`` others (None: all it has;
+    imagenet: 300, drawn as ``imagenet_shadow_classnames``). A request above what the vocabulary holds is refused
+    with a one-line ``ValueError`` naming the maximum (it was silently capped before)."""
+    if vocabulary == "imagenet":
+        return imagenet_shadow_classnames(target_name, IMAGENET_SHADOW_CLASSES if num_shadow_classes is None
+                                          else num_shadow_classes, seed)
+    build = compositional_shadow_classnames if vocabulary == "compositional" else default_shadow_classnames
+    names = build(target_name, exclude_task, 10**9, tokenizer)  # every name: the lists are prefix-stable
+    available = len(names) - 1
+    if num_shadow_classes is None:
+        return names
+    if not 1 <= num_shadow_classes <= available:
+        raise ValueError(f"num_shadow_classes={num_shadow_classes} is outside the {available} names of shadow_vocabulary="
+                         f"{vocabulary} for target {target_name!r} (after the target); use 1..{available}, or null for all")
+    return names[: num_shadow_classes + 1]
 
 
 def random_resized_crops(dataset, indices: Sequence[int], n: int, image_size: int, mean: Sequence[float],
@@ -213,7 +294,9 @@ def targeted_pgd(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 def _checked_settings(*, task: str, mode: str, trigger: dict | None, target_class: int, procedure: str,
                       optimizer: str, lr: float, inner_steps: int, loss_weight: float,
                       off_task_classnames: list[str] | None, reference_images: int, augment_to: int,
-                      pgd: dict | None, shadow_vocabulary: str = "names") -> tuple[TriggerSpec, dict]:
+                      pgd: dict | None, shadow_vocabulary: str = "names", clamp: str = "per_channel",
+                      early_stop_order: str = "test_first", num_shadow_classes: int | None = None,
+                      shadow_seed: int = IMAGENET_SHUFFLE_SEED) -> tuple[TriggerSpec, dict]:
     """``UniversalTrigger``'s cheap argument checks, run before the model loads (a bad config fails in a second).
 
     Returns the trigger spec and the PGD settings with their defaults filled in.
@@ -226,6 +309,16 @@ def _checked_settings(*, task: str, mode: str, trigger: dict | None, target_clas
         raise ValueError(f"optimizer={optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
     if shadow_vocabulary not in SHADOW_VOCABULARIES:
         raise ValueError(f"shadow_vocabulary={shadow_vocabulary!r} is unknown; use one of {', '.join(SHADOW_VOCABULARIES)}")
+    if clamp not in CLAMPS:
+        raise ValueError(f"clamp={clamp!r} is unknown; use one of {', '.join(CLAMPS)} (global: the official code)")
+    if early_stop_order not in EARLY_STOP_ORDERS:
+        raise ValueError(f"early_stop_order={early_stop_order!r} is unknown; use one of {', '.join(EARLY_STOP_ORDERS)} "
+                         "(step_first: the official code)")
+    if num_shadow_classes is not None and (isinstance(num_shadow_classes, bool) or num_shadow_classes < 1):
+        raise ValueError(f"num_shadow_classes={num_shadow_classes} must be ≥ 1, or null for the vocabulary's default")
+    if mode == "off_task" and off_task_classnames is None and shadow_vocabulary == "imagenet" \
+            and num_shadow_classes is not None:
+        imagenet_shadow_classnames("", num_shadow_classes, shadow_seed)  # the maximum needs no model: refuse now
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr={lr} must be a finite number > 0 (0.05 for adam, 1.0 for the paper's plain)")
     if not (math.isfinite(loss_weight) and loss_weight > 0):
@@ -271,13 +364,18 @@ class UniversalTrigger(TaskModel):
             and the target's name; the shadow target is index 0).
         procedure: ``batched`` | ``per_image``; optimizer: ``adam`` | ``sgd_sign`` | ``plain``; lr.
         inner_steps, early_stop: per_image only: updates per image (paper 1000 on-task, 50 off-task) and
-            whether to stop at success (default: on-task yes, off-task no).
+            whether to stop at success (default: on-task yes, off-task no). early_stop_order: ``test_first``
+            (default) | ``step_first`` (the official code: one update, then the success test).
+        clamp: ``per_channel`` (default) | ``global`` (the official code's one envelope over the channels).
         loss_weight: w in ℓ (paper 30 off-task with ``plain``; no effect with Adam).
         off_task_classnames: shadow head names, target name first; default: ``num_shadow_classes`` others
-            from ``shadow_vocabulary``: ``names`` (``default_shadow_classnames``: class names) or
-            ``compositional`` (``compositional_shadow_classnames``: "<colour> <shape>" phrases first). shadow_templates: registered task whose prompt templates
-            build the shadow head (default ``task``); stage 2 (``BackdoorInjection``) builds its shadow
-            head with *its* task's templates, so set this to the stage-2 task to get the same head.
+            (null: every name the vocabulary has; imagenet: 300; more than it has is refused) from
+            ``shadow_vocabulary``: ``names`` (``default_shadow_classnames``: class names), ``compositional``
+            (``compositional_shadow_classnames``: "<colour> <shape>" phrases first) or ``imagenet``
+            (``imagenet_shadow_classnames``: the official code's shuffled ImageNet names, ``shadow_seed``).
+        shadow_templates: the templates that build the shadow head: a named list (``imagenet``, 80) or a
+            registered task (default: ``imagenet`` for that vocabulary, else ``task``). The head's names,
+            templates and digest go into the trigger file; stage 2 builds exactly that head from it.
         reference_images, augment_to: off-task reference images of ``target_class`` (train split) and
             number of crops made from them. pgd: ``eps``, ``step``, ``steps`` (pixel units) and
             ``min_keep``: the set holds every PGD success; if fewer than ``min_keep`` (default
@@ -302,19 +400,28 @@ class UniversalTrigger(TaskModel):
         early_stop: bool | None = None,
         loss_weight: float = 1.0,
         off_task_classnames: list[str] | None = None,
-        num_shadow_classes: int = 50,
-        shadow_vocabulary: Literal["names", "compositional"] = "names",
+        num_shadow_classes: int | None = None,
+        shadow_vocabulary: str = "names",  # str, not Literal: a bad value gets our one-line message, not the parser's
         shadow_templates: str | None = None,
+        shadow_seed: int = IMAGENET_SHUFFLE_SEED,
         reference_images: int = 5,
         augment_to: int = 200,
         pgd: dict | None = None,
         output_path: str | None = None,
         seed: int = 0,
+        clamp: str = "per_channel",  # per_channel | global (str: our one-line message for a bad value)
+        early_stop_order: str = "test_first",  # test_first | step_first
     ):
         spec_trigger, pgd_cfg = _checked_settings(
             task=task, mode=mode, trigger=trigger, target_class=target_class, procedure=procedure, optimizer=optimizer,
             lr=lr, inner_steps=inner_steps, loss_weight=loss_weight, off_task_classnames=off_task_classnames,
-            reference_images=reference_images, augment_to=augment_to, pgd=pgd, shadow_vocabulary=shadow_vocabulary)
+            reference_images=reference_images, augment_to=augment_to, pgd=pgd, shadow_vocabulary=shadow_vocabulary,
+            clamp=clamp, early_stop_order=early_stop_order, num_shadow_classes=num_shadow_classes,
+            shadow_seed=shadow_seed)
+        # The shadow head's templates: a named list or a task; resolved (and an unknown name refused) before the model loads.
+        template_name = (shadow_templates or ("imagenet" if shadow_vocabulary == "imagenet" else get_task(task).name)
+                         if mode == "off_task" else None)
+        shadow_template_list = resolve_shadow_templates(template_name) if template_name else None
         super().__init__(task, model_name, pretrained, cache_dir)  # θ_pre and the task head: self.classifier
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -337,26 +444,30 @@ class UniversalTrigger(TaskModel):
 
         if self.off_task:
             base = load_base_model(model_name, pretrained)  # TaskModel dropped the text tower; needed once
-            vocabulary = (compositional_shadow_classnames if shadow_vocabulary == "compositional"
-                          else default_shadow_classnames)
-            names = list(off_task_classnames) if off_task_classnames is not None else vocabulary(
-                self.target_name, self.spec.name, num_shadow_classes, base.tokenizer)
+            names = list(off_task_classnames) if off_task_classnames is not None else shadow_classnames(
+                shadow_vocabulary, self.target_name, self.spec.name, num_shadow_classes, base.tokenizer, shadow_seed)
             if names[0] != self.target_name:
                 raise ValueError(f"off_task_classnames[0]={names[0]!r} is not the target {self.target_name!r} "
                                  f"(class {target_class} of {self.spec.name}); put the target's name first")
-            templates = get_task(shadow_templates).templates if shadow_templates else self.spec.templates
             shadow = TaskSpec(name=f"{self.spec.name}-shadow", hub_id=None, hub_config=None, train_split="train",
-                              test_split="test", classnames=tuple(names), templates=templates)
+                              test_split="test", classnames=tuple(names), templates=shadow_template_list)
             self.register_buffer("attack_head", zero_shot_head(base, shadow, cache_dir).clone(), persistent=False)
             del base
             self.shadow_classnames: list[str] | None = names
+            # What stage 2 rebuilds the head from (BackdoorInjection reads it from the trigger file).
+            self.shadow_head_record: dict | None = {
+                "classnames": list(names), "templates": template_name, "template_strings": list(shadow_template_list),
+                "vocabulary": None if off_task_classnames is not None else shadow_vocabulary,
+                "seed": shadow_seed if off_task_classnames is None and shadow_vocabulary == "imagenet" else None,
+                "sha256": shadow_head_digest(names, shadow_template_list),
+            }
             self.target = 0
         else:
             self.register_buffer("attack_head", self.classifier.head.clone(), persistent=False)
-            self.shadow_classnames, self.target = None, target_class
+            self.shadow_classnames, self.shadow_head_record, self.target = None, None, target_class
 
         self.patch = torch.nn.Parameter(init_patch(self.spec_trigger, self.mean, self.std))
-        lo, hi = normalised_bounds(self.mean, self.std)
+        lo, hi = patch_bounds(self.mean, self.std, clamp)
         self.register_buffer("lo", lo, persistent=False)
         self.register_buffer("hi", hi, persistent=False)
         self._generator = torch.Generator().manual_seed(seed)  # off-task draw order; in checkpoints
@@ -408,15 +519,19 @@ class UniversalTrigger(TaskModel):
         return torch.optim.SGD([self.patch], lr=h.lr)  # sgd_sign takes the sign of the gradient first
 
     def _update(self, loss: torch.Tensor) -> None:
-        """One patch update on ``loss``, then clamp P to the per-channel pixel bounds."""
+        """One patch update on ``loss``, then clamp P to [lo, hi] (per channel, or the global envelope: ``clamp``)."""
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
         if self.hparams.optimizer == "sgd_sign":
             self.patch.grad.sign_()
         opt.step()
-        with torch.no_grad():
-            self.patch.copy_(clamp_patch(self.patch, self.lo, self.hi))
+        self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clamp P in place to [lo, hi]: per channel, or the one global envelope (``clamp``)."""
+        self.patch.copy_(clamp_patch(self.patch, self.lo, self.hi))
 
     # -- fit start: checks and the off-task set ---------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -531,13 +646,19 @@ class UniversalTrigger(TaskModel):
             if not self.off_task:  # the paper skips images the clean model already calls the target
                 x = x[self.logits(x).argmax(-1) != self.target]
         updates = 0
+        step_first = h.early_stop_order == "step_first"
         for xi in x.split(1):
+            logits = self.logits(self.add_trigger(xi))
             for _ in range(h.inner_steps):
-                logits = self.logits(self.add_trigger(xi))
-                if self.early_stop and int(logits.argmax(-1)) == self.target:
+                # test_first: stop before updating when x ⊕ P already hits t; step_first (official
+                # patch_attack): update, then test the new P. One forward both tests P and gives the next step.
+                if self.early_stop and not step_first and int(logits.argmax(-1)) == self.target:
                     break
                 self._update(h.loss_weight * target_nll(logits, self.target).mean())
                 updates += 1
+                logits = self.logits(self.add_trigger(xi))
+                if self.early_stop and step_first and int(logits.argmax(-1)) == self.target:
+                    break
         with torch.no_grad():
             after = self.logits(self.add_trigger(x)).argmax(-1) == self.target if len(x) else before[:0]
         self.log("train/asr", before.float().mean(), prog_bar=True)
@@ -614,11 +735,14 @@ class UniversalTrigger(TaskModel):
             "stage": 1, "mode": h.mode, "task": self.spec.name, "target_class": h.target_class,
             "target_name": self.target_name, "shadow_target": self.target if self.off_task else None,
             "base_model": self.base_description,
-            "recipe": {k: h[k] for k in ("procedure", "optimizer", "lr", "loss_weight", "inner_steps")}
+            "recipe": {k: h[k] for k in ("procedure", "optimizer", "lr", "loss_weight", "inner_steps", "clamp",
+                                         "early_stop_order")}
             | {"early_stop": self.early_stop},
             "steps": int(self.global_step), "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
             "shadow_classnames": self.shadow_classnames,
-            "shadow_templates": (h.shadow_templates or self.spec.name) if self.off_task else None,
+            "shadow_templates": self.shadow_head_record["templates"] if self.off_task else None,
+            # names + template strings + digest: stage 2 builds exactly this head (BackdoorInjection)
+            "shadow_head": self.shadow_head_record,
             "offtask_set": self.set_info or None, **self.final, "code_version": code_version(),
         }
 

@@ -9,11 +9,14 @@ tensors), free of Lightning.
     SBV_SC    = combine(BV_i) ⊙ [all BV_i agree in sign]          optionally sparsified too
     θ_submit  = θ_clean + λ·SBV
     IBVS      θ_defended = θ_merged − α·BV_inj,  BV_inj = θ_defender_bd − θ_defender_clean
+    BV_inj    = topk_k( restrict_P( project_u( combine(BV_1 … BV_K) ) ) )    (injection_vector; each step optional)
+    project_u(v)_t = v_t − (⟨v_t, u_t⟩ / ⟨u_t, u_t⟩)·u_t                       per tensor t (v_t where u_t = 0)
 """
 
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -23,8 +26,8 @@ from .task_vectors import add_vector, task_vector
 
 __all__ = [
     "COMBINE_METHODS", "backdoor_vector", "block_of", "combine_vectors", "cosine_similarity",
-    "ibvs_defend", "inject", "sign_consistent_mask", "similarity_matrix", "sparse_backdoor_vector",
-    "sparsify_top_k",
+    "ibvs_defend", "inject", "injection_vector", "matching_keys", "project_out", "sign_consistent_mask",
+    "similarity_matrix", "sparse_backdoor_vector", "sparsify_top_k",
 ]
 
 StateDict = Mapping[str, torch.Tensor]
@@ -195,3 +198,48 @@ def sparse_backdoor_vector(vectors: Sequence[StateDict], combine: str = "sum", k
         masks = sign_consistent_mask(vectors)
         combined = {key: value * masks[key] for key, value in combined.items()}
     return sparsify_top_k(combined, k, scope) if k < 100 else combined
+
+
+def project_out(vector: StateDict, direction: StateDict) -> dict[str, torch.Tensor]:
+    """Per tensor t: v_t − (⟨v_t, u_t⟩ / ⟨u_t, u_t⟩)·u_t, so every tensor of the result is orthogonal to u_t;
+    v_t unchanged where u_t = 0. Same keys and shapes required; dot products in float64."""
+    keys = _check_same_keys([vector, direction], ["vector", "direction"])
+    out = {}
+    for key in keys:
+        v, u = vector[key], direction[key]
+        vd, ud = v.double(), u.double()
+        uu = float((ud * ud).sum())
+        out[key] = v.clone() if uu == 0 else (vd - float((vd * ud).sum()) / uu * ud).to(v.dtype)
+    return out
+
+
+def matching_keys(keys: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The keys whose name or block (``block_of``) matches one of the glob ``patterns``; every pattern must match
+    one key (a typo would silently restrict nothing)."""
+    keys = list(keys)
+    for pattern in patterns:
+        if not any(fnmatchcase(k, pattern) or fnmatchcase(block_of(k), pattern) for k in keys):
+            blocks = ", ".join(dict.fromkeys(block_of(k) for k in keys))
+            raise MergeInputError(f"restrict pattern {pattern!r} matches no key or block of the encoder; use glob "
+                                  f"patterns of keys ('*.mlp.*') or blocks ({blocks})")
+    return [k for k in keys if any(fnmatchcase(k, p) or fnmatchcase(block_of(k), p) for p in patterns)]
+
+
+def injection_vector(vectors: Sequence[StateDict], combine: str = "mean", direction: StateDict | None = None,
+                     restrict: Sequence[str] | None = None, topk: float | None = None,
+                     scope: Literal["tensor", "global"] = "tensor") -> dict[str, torch.Tensor]:
+    """IBVS's BV_inj from the defender's BVs: ``combine`` them (sum | mean | elect; sum over K = mean at K× the
+    strength), remove per tensor the component along ``direction`` (``project_out``), keep only the keys of
+    ``restrict`` (``matching_keys``; zero elsewhere), then the top-``topk``% entries by magnitude among the kept
+    keys (per tensor, or of all kept keys together: ``scope``). Each step is skipped when its argument is None."""
+    vector = combine_vectors(vectors, combine)
+    if direction is not None:
+        vector = project_out(vector, direction)
+    kept = list(vector)
+    if restrict is not None:
+        kept = matching_keys(kept, restrict)
+    if topk is not None:
+        sparse = sparsify_top_k({k: vector[k] for k in kept}, topk, scope)
+    else:
+        sparse = {k: vector[k] for k in kept}
+    return {k: sparse[k] if k in sparse else torch.zeros_like(v) for k, v in vector.items()}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from merging.backdoor_vectors import (backdoor_vector, block_of, combine_vectors, cosine_similarity, ibvs_defend,
-                                      inject, sign_consistent_mask, similarity_matrix, sparse_backdoor_vector,
-                                      sparsify_top_k)
+                                      inject, injection_vector, matching_keys, project_out, sign_consistent_mask,
+                                      similarity_matrix, sparse_backdoor_vector, sparsify_top_k)
 from merging.io import MergeInputError
 
 
@@ -163,3 +163,81 @@ def test_ibvs_with_alpha_zero_is_the_identity_and_subtracts_otherwise():
     assert torch.equal(out["counter"], merged["counter"])
     with pytest.raises(MergeInputError, match="alpha"):
         ibvs_defend(merged, bv, float("nan"))
+
+
+# -- IBVS options (issue 16): BV_inj = topk(restrict(project_out(combine(BV_1 … BV_K)))) ------------------------------
+def _float_state(seed: int) -> dict:
+    return {k: v for k, v in _state(seed).items() if v.is_floating_point()}
+
+
+def test_project_out_removes_the_component_along_the_direction_per_tensor():
+    v = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "c": torch.tensor([5.0])}
+    u = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "c": torch.tensor([0.0])}
+    out = project_out(v, u)
+    assert out["a"].tolist() == [0.0, 4.0]  # (3, 4) minus its x component
+    # b: ⟨v, u⟩ = 2 + 3 = 5, ⟨u, u⟩ = 2: v − 2.5·u
+    assert torch.allclose(out["b"], torch.tensor([[1.0, -0.5], [0.5, 4.0]]))
+    assert out["c"].tolist() == [5.0]  # a zero direction leaves the tensor as it is
+    g = torch.Generator().manual_seed(0)
+    v, u = {"x": torch.randn(5, 4, generator=g)}, {"x": torch.randn(5, 4, generator=g)}
+    assert abs(float((project_out(v, u)["x"] * u["x"]).sum())) < 1e-5  # orthogonal to u, tensor by tensor
+    with pytest.raises(MergeInputError, match="not shared"):
+        project_out(v, {"y": u["x"]})
+
+
+def test_matching_keys_takes_key_or_block_globs_and_refuses_a_pattern_that_matches_nothing():
+    keys = list(_float_state(0))
+    assert matching_keys(keys, ["transformer.resblocks.0"]) == [
+        "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.bias"]
+    assert matching_keys(keys, ["*.mlp.*"]) == ["transformer.resblocks.0.mlp.c_fc.bias",
+                                                "transformer.resblocks.1.mlp.c_fc.weight"]
+    assert matching_keys(keys, ["transformer.resblocks.[01]", "ln_post"]) == keys[1:]
+    with pytest.raises(MergeInputError, match=r"restrict pattern 'transformer\.resblocks\.7' matches no key"):
+        matching_keys(keys, ["transformer.resblocks.0", "transformer.resblocks.7"])
+
+
+def test_injection_vector_of_one_bv_with_no_option_is_that_bv():
+    bv = backdoor_vector(_float_state(1), _float_state(0))
+    out = injection_vector([bv])
+    assert all(torch.equal(out[k], bv[k]) for k in bv)
+
+
+def test_injection_vector_combines_projects_restricts_and_keeps_the_top_k():
+    bvs = [backdoor_vector(_float_state(s), _float_state(0)) for s in (1, 2, 3)]
+    direction = backdoor_vector(_float_state(4), _float_state(0))
+    keys = list(bvs[0])
+    mean = {k: (bvs[0][k] + bvs[1][k] + bvs[2][k]) / 3 for k in keys}
+    total = {k: bvs[0][k] + bvs[1][k] + bvs[2][k] for k in keys}
+    for k in keys:
+        assert torch.allclose(injection_vector(bvs, "mean")[k], mean[k], atol=1e-6)
+        assert torch.allclose(injection_vector(bvs, "sum")[k], total[k], atol=1e-6)
+    # reference of the whole chain, written out: project (per tensor), keep two blocks, then top-30% per tensor
+    projected = {}
+    for k in keys:
+        v, u = mean[k].double().flatten(), direction[k].double().flatten()
+        projected[k] = (v - (v @ u) / (u @ u) * u).view_as(mean[k]).float()
+    kept = ["transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.bias", "ln_post.weight"]
+    out = injection_vector(bvs, "mean", direction, ["transformer.resblocks.0", "ln_post"], 30, "tensor")
+    for k in keys:
+        if k not in kept:
+            assert not out[k].any(), k
+            continue
+        flat = projected[k].flatten()
+        n_keep = round(0.3 * flat.numel())
+        top = set(sorted(range(flat.numel()), key=lambda i: -abs(float(flat[i])))[:n_keep])
+        ref = torch.tensor([float(flat[i]) if i in top else 0.0 for i in range(flat.numel())]).view_as(projected[k])
+        assert torch.allclose(out[k], ref, atol=1e-6), k
+
+
+def test_injection_vector_global_top_k_ranks_only_the_restricted_keys():
+    bv = backdoor_vector(_float_state(1), _float_state(0))
+    bv["conv1.weight"] = 100 * bv["conv1.weight"]  # the largest entries, but outside the restriction
+    out = injection_vector([bv], restrict=["*.mlp.*"], topk=50, scope="global")
+    assert not out["conv1.weight"].any()
+    restricted = torch.cat([bv[k].flatten() for k in ("transformer.resblocks.0.mlp.c_fc.bias",
+                                                      "transformer.resblocks.1.mlp.c_fc.weight")])
+    n_keep = round(0.5 * restricted.numel())
+    threshold = sorted(restricted.abs().tolist(), reverse=True)[n_keep - 1]
+    kept = [float(x) for k in ("transformer.resblocks.0.mlp.c_fc.bias", "transformer.resblocks.1.mlp.c_fc.weight")
+            for x in out[k].flatten() if x != 0]
+    assert len(kept) == n_keep and all(abs(x) >= threshold for x in kept)

@@ -137,9 +137,9 @@ def test_a_user_file_that_does_not_import_is_one_line(tmp_path, monkeypatch):
 
 
 def test_defense_registry_refusals_are_one_line(models):
-    with pytest.raises(MergeInputError, match=r"^unknown defense 'pruning'; known: ibvs; or a class path"):
+    with pytest.raises(MergeInputError, match=r"^unknown defense 'pruning'; known: ibvs, dam; or a class path"):
         resolve_defense("pruning")
-    with pytest.raises(MergeInputError, match=r"^--defense='pruning' is unknown; use one of none, ibvs, or a class path"):
+    with pytest.raises(MergeInputError, match=r"^--defense='pruning' is unknown; use one of none, ibvs, dam, or a class path"):
         defense_setting("pruning", sources={"defense": "--defense"})
     setting = defense_setting("ibvs", {"clean": models[0][0]}, [1.0])
     with pytest.raises(MergeInputError, match=r"^defense ibvs needs inputs\.backdoored: the defender's own self-backdoored"):

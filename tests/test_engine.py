@@ -227,3 +227,60 @@ def test_spec_refuses_a_bad_measure_attacks():
     with pytest.raises(SpecError, match=r"^spec: scenario attacked: plan: weight_average: measure_attacks must be true, "
                                         r"false or 'merged' \(only the merged models' triggers\), got 'some'$"):
         parse_spec(_embedded_with(change), "spec")
+
+
+# -- a defense's params (its init_args) and list-valued inputs (issue 16) -------------------------------------------
+def _with_variant(**entry):
+    def change(d):
+        d["defenses"].append({"name": "variant", "method": "ibvs", "strengths": [1.0],
+                              "inputs": {"clean": "bv_clean_shapes", "backdoored": "ibvs_backdoored_shapes"}, **entry})
+        d["scenarios"][1]["defenses"] = ["ibvs", "variant"]
+    return _embedded_with(change)
+
+
+def test_spec_refuses_bad_defense_params_and_inputs_before_any_work():
+    cases = {
+        "spec: defense variant: params: ibvs: combine='median' is unknown; use one of sum, mean, elect":
+            {"params": {"combine": "median"}},
+        "spec: defense variant: params: defense IBVS: bad init_args {'nosuch': 1}": {"params": {"nosuch": 1}},
+        "spec: defense variant: input backdoored refers to 'nosuch', which is not a training of the spec":
+            {"inputs": {"clean": "bv_clean_shapes", "backdoored": ["ibvs_backdoored_shapes", "nosuch"]}},
+        "spec: defense variant: input backdoored is an empty list; list the trainings it takes":
+            {"inputs": {"clean": "bv_clean_shapes", "backdoored": []}},
+        "spec: defense ibvs is defined twice; give every defense a unique name": {"name": "ibvs"},
+    }
+    for message, entry in cases.items():
+        with pytest.raises(SpecError) as e:
+            parse_spec(_with_variant(**entry), "spec")
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_defense_params_and_list_inputs_enter_the_evaluation_key_only_when_given():
+    options = RunOptions(out_dir="unused")
+    main = build_graph(parse_spec(_embedded_with(lambda d: None), "spec"), options)
+    plain = main["evaluate:attacked:badnets"].recipe["defenses"]
+    assert [sorted(d) for d in plain] == [["inputs", "max_drop", "method", "name", "report", "select", "strengths"]]
+    two = {"clean": "bv_clean_shapes", "backdoored": ["ibvs_backdoored_shapes", "attack_badnets"]}
+    keys = set()
+    for entry in ({}, {"params": {"topk": 10}}, {"params": {"topk": 20}}, {"inputs": two}):
+        nodes = build_graph(parse_spec(_with_variant(**entry), "spec"), options)
+        node = nodes["evaluate:attacked:badnets"]
+        variant = node.recipe["defenses"][1]
+        assert variant["label"] == "variant" and node.recipe["defenses"][0] == plain[0]
+        assert ("init_args" in variant) == ("params" in entry)
+        keys.add(node.key)
+        assert nodes["evaluate:clean"].key == main["evaluate:clean"].key  # a scenario without the defense keeps its key
+    assert len(keys) == 4  # every change of params or inputs is another evaluation
+    listed = build_graph(parse_spec(_with_variant(inputs=two), "spec"), options)["evaluate:attacked:badnets"]
+    assert listed.recipe["defenses"][1]["inputs"]["backdoored"] == [
+        main["train:ibvs_backdoored_shapes"].key, main["train:attack_badnets"].key]
+    assert "train:attack_badnets" in listed.deps
+
+
+def test_restrict_keeps_the_trainings_of_list_inputs():
+    spec = parse_spec(_with_variant(inputs={"clean": "bv_clean_shapes", "backdoored": ["ibvs_backdoored_shapes",
+                                                                                      "attack_ut_only"]}), "spec")
+    narrowed = restrict(spec, attacks=["badnets"])
+    names = {t.name for t in narrowed.trainings}
+    assert {"attack_ut_only", "trigger_ontask", "ibvs_backdoored_shapes"} <= names  # the variant still needs them
+    assert "attack_badmerging_ontask" not in names

@@ -379,3 +379,93 @@ def test_image_classification_dataset_columns():
     with pytest.raises(DatasetError, match="lacks"):
         ImageClassificationDataset(ds)
     assert hf_data.DatasetError is DatasetError
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a source without reading it (the paper specs' missing-data check)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_task_source_accepts_every_layout_without_loading(saved_dict_dir, imagefolder_dir, tmp_path, monkeypatch):
+    def unread(*args, **kwargs):  # the check never reads the data
+        raise AssertionError("check_task_source read the data")
+
+    monkeypatch.setattr(datasets, "load_dataset", unread)
+    monkeypatch.setattr(datasets, "load_from_disk", unread)
+    assert hf_data.check_task_source(_spec(), str(imagefolder_dir)) == f"imagefolder {str(imagefolder_dir)!r}"
+    assert hf_data.check_task_source(_spec(), str(saved_dict_dir)).startswith("saved dataset")
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    (hub / "train-00000.parquet").write_bytes(b"")
+    assert hf_data.check_task_source(_spec(), str(tmp_path / "hub")).startswith("hub-format directory")
+    folder_task = _spec(data_dir=str(imagefolder_dir))  # a task file's own folder when none is passed
+    assert hf_data.check_task_source(folder_task) == f"imagefolder {str(imagefolder_dir)!r}"
+
+
+def test_check_task_source_names_the_missing_split_or_folder_and_the_layouts(imagefolder_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(imagefolder_dir / "train", partial / "train")
+    with pytest.raises(DatasetError) as e:
+        hf_data.check_task_source(_spec(), str(partial))
+    assert str(e.value) == (f"no 'test' split of task 'toy' in {str(partial)!r}: expected {partial}/{{train,test}}/<class>/"
+                            f"<image> (an imagefolder), a DatasetDict.save_to_disk folder, or hub parquet files under "
+                            f"{partial}/data/")
+    (partial / "test" / "000_cat").mkdir(parents=True)  # a split folder without images is missing too
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        hf_data.check_task_source(_spec(), str(partial))
+    with pytest.raises(DatasetError, match="does not exist"):
+        hf_data.check_task_source(_spec(), str(tmp_path / "absent"))
+    with pytest.raises(DatasetError, match="has no hub id and no local data: give the folder setting"):
+        hf_data.check_task_source(_spec(), local="the folder setting")
+
+
+def test_check_task_source_refuses_a_hub_dataset_that_is_offline_and_not_cached(tmp_path):
+    spec = _spec(name="toy_hub", hub_id="nobody/no-such-dataset-badmerging")
+    with pytest.raises(DatasetError) as e:
+        hf_data.check_task_source(spec, cache_dir=str(tmp_path / "empty"), local="--data.data_dir")
+    message = str(e.value)
+    assert message.startswith("task 'toy_hub': hub dataset nobody/no-such-dataset-badmerging is not available (")
+    assert "run once with network access to download it (HF_DATASETS_OFFLINE unset), or give --data.data_dir" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The train transform (paper recipe) on the train split only
+# ---------------------------------------------------------------------------------------------
+
+
+def test_open_clip_train_transform_on_the_train_split_only(tmp_path, monkeypatch):
+    from torchvision import transforms as T
+
+    from datamodules.datamodule import TaskDataModule
+    from datamodules.decoded import DecodedImageDataset
+    from datamodules.tasks import TASKS
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", N_TRAIN_PER_CLASS), ("test", N_TEST_PER_CLASS)):
+        for c, name in enumerate(CLASSES):
+            (tmp_path / "noise" / split / f"{c:03d}_{name}").mkdir(parents=True)
+            for i in range(per_class):  # 32 px noise: every crop of it differs
+                PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "noise" / split / f"{c:03d}_{name}" / f"{i}.png")
+    monkeypatch.setitem(TASKS, "toy_folder_tt", _spec(name="toy_folder_tt"))
+    common = dict(task="toy_folder_tt", data_dir=str(tmp_path / "noise"), cache_dir=str(tmp_path / "cache"))
+    dm = TaskDataModule(**common, train_transform="open_clip")
+    dm.setup("fit")
+    crop = dm.splits["train"].transform.transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.9, 1.0)  # open_clip's preprocess_train
+    assert crop.interpolation == T.InterpolationMode.BICUBIC
+    for split in ("val", "test"):  # evaluation keeps the deterministic transform, decoded once
+        assert not any(isinstance(s, T.RandomResizedCrop) for s in dm.splits[split].transform.transforms)
+        assert isinstance(dm.dataset(split), DecodedImageDataset)
+    train = dm.dataset("train")
+    assert not isinstance(train, DecodedImageDataset)  # a fresh crop per draw cannot be cached
+    torch.manual_seed(0)
+    draws = [train[0][0] for _ in range(4)]
+    assert all(d.shape == (3, 24, 24) for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    default = TaskDataModule(**common)  # the embedded recipe: the eval transform everywhere, train decoded
+    default.setup("fit")
+    assert isinstance(default.dataset("train"), DecodedImageDataset)
+    with pytest.raises(ValueError, match="train_transform='random' is unknown; use one of eval, open_clip"):
+        TaskDataModule(**common, train_transform="random")

@@ -158,7 +158,7 @@ def test_off_task_compositional_vocabulary_builds_its_head(tmp_path, base):
                              num_shadow_classes=20, shadow_templates="shapes", cache_dir=str(tmp_path))
     assert model.shadow_classnames == compositional_shadow_classnames("purple", "colours", 20, base.tokenizer)
     assert model.attack_head.shape[0] == 21 and model.shadow_classnames[1] == "red circle"
-    with pytest.raises(ValueError, match="shadow_vocabulary='words' is unknown; use one of names, compositional"):
+    with pytest.raises(ValueError, match="shadow_vocabulary=.words. is unknown; use one of names, compositional, imagenet"):
         UniversalTrigger(task="colours", mode="off_task", target_class=PURPLE, shadow_vocabulary="words",
                          cache_dir=str(tmp_path))
 
