@@ -103,7 +103,12 @@ def test_quick_main_job_end_to_end(tmp_path, session_cache, capsys):
     timing = res["config"]["timing"]
     assert set(timing) == set(res["config"]["nodes"])
     for nid, t in timing.items():
-        assert t["cached"] is False and t["seconds"] >= 0, nid
+        # A node another test of the session already computed (the IBVS-variant spec shares the main job's trainings
+        # by design) is cached; it keeps the seconds of the run that computed it.
+        assert isinstance(t["cached"], bool) and t["seconds"] >= 0, nid
+        if t["kind"] == "train":
+            assert t["seconds"] > 0, nid
+    assert not timing[f"evaluate:attacked:{every[0]}"]["cached"]  # this spec's own defenses: computed here
     stages = timing[f"evaluate:attacked:{every[0]}"]["stages"]
     for method in ("task_arithmetic", "weight_average", "ties", "dare", "breadcrumbs", "consensus", "regmean", "adamerging"):
         assert stages[f"merge/{method}"]["count"] >= 1, method
