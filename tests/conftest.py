@@ -69,6 +69,20 @@ def models(tmp_path_factory, base):
     return export_models(tmp_path_factory.mktemp("models"), base)
 
 
+@pytest.fixture
+def task_registry_restored(monkeypatch):
+    """The task registry, the loaded task files and BADMERGING_TASKS_FILES (unset here) as they were before the test."""
+    from datamodules import task_files, tasks
+
+    monkeypatch.delenv(tasks.TASKS_FILES_ENV, raising=False)  # monkeypatch restores the variable afterwards
+    saved = dict(tasks.TASKS), dict(task_files._FILES), dict(task_files._OWNER), tasks._ENVIRONMENT_ERROR
+    yield
+    for live, old in zip((tasks.TASKS, task_files._FILES, task_files._OWNER), saved[:3]):
+        live.clear()
+        live.update(old)
+    tasks._ENVIRONMENT_ERROR = saved[3]
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory):
     """A cache dir shared by the tests that render small synthetic tasks."""

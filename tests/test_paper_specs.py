@@ -30,8 +30,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from datamodules import task_files, tasks
-from datamodules.tasks import TASKS, TASKS_FILES_ENV, get_task
+from datamodules.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 BADMERGING = "configs/experiments/paper_badmerging_vitb32.yaml"
@@ -39,16 +38,9 @@ SPECS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/experiments").
 
 
 @pytest.fixture(autouse=True)
-def _registry(monkeypatch):
+def _registry(monkeypatch, task_registry_restored):
     """Task files loaded here (ImageNet-100, the tiny tasks) leave the registry and the environment as they were."""
     monkeypatch.chdir(ROOT)  # the specs name their config files relative to the repository
-    monkeypatch.delenv(TASKS_FILES_ENV, raising=False)
-    saved = dict(TASKS), dict(task_files._FILES), dict(task_files._OWNER), tasks._ENVIRONMENT_ERROR
-    yield
-    for live, old in zip((TASKS, task_files._FILES, task_files._OWNER), saved[:3]):
-        live.clear()
-        live.update(old)
-    tasks._ENVIRONMENT_ERROR = saved[3]
 
 
 @pytest.fixture

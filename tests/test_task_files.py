@@ -32,15 +32,8 @@ FIX = ("use words it knows (python -m modeling.tokenizer lists them) or a base m
 
 
 @pytest.fixture(autouse=True)
-def _registry(monkeypatch):
+def _registry(task_registry_restored):
     """Every test starts from the built-in tasks and no task files, and leaves them so."""
-    monkeypatch.delenv(TASKS_FILES_ENV, raising=False)  # monkeypatch restores the variable afterwards
-    saved = dict(TASKS), dict(task_files._FILES), dict(task_files._OWNER), tasks._ENVIRONMENT_ERROR
-    yield
-    for live, old in zip((TASKS, task_files._FILES, task_files._OWNER), saved[:3]):
-        live.clear()
-        live.update(old)
-    tasks._ENVIRONMENT_ERROR = saved[3]
 
 
 def _write(path: Path, text: str) -> Path:
